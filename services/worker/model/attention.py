@@ -1,0 +1,169 @@
+"""Attention behind one interface: the model calls `Attention(q, k, v)`; the runner decides how.
+
+The runner describes the step in an `AttentionMetadata` (which tokens belong to which sequence,
+where their K/V go in the paged cache, which blocks each sequence reads) and installs it with
+`forward_context(...)` around the model call. Models never see block tables.
+
+Backends come from a registry keyed by name ("torch" here; the Triton backend registers itself on
+CUDA). Without a KV cache (no metadata's `kv_caches`), attention is plain causal attention over
+the step's own tokens, which is what the reference checks and one-shot scoring use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """One forward step's layout. T = tokens in the step, B = sequences in the step.
+
+    query_start_loc: host list, len B + 1; sequence i owns tokens [qsl[i], qsl[i+1]).
+    seq_lens: host list, len B; context length of sequence i after this step (cached + new).
+    slot_mapping: [T] int64; flat cache slot (block_id * block_size + offset) of each new token.
+        None when the step runs without a KV cache.
+    block_tables: [B, max_blocks] int64; block ids of each sequence, padded with 0 past its end.
+    kv_caches: per layer, a [2, num_blocks, block_size, Hkv, D] tensor (K then V), or None.
+    """
+
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    kv_caches: list[torch.Tensor] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @classmethod
+    def for_prefill(cls, lengths: list[int]) -> "AttentionMetadata":
+        """Whole sequences with no cache: each attends causally to its own tokens."""
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        return cls(query_start_loc=starts, seq_lens=list(lengths))
+
+
+_context: AttentionMetadata | None = None
+
+
+@contextlib.contextmanager
+def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    """Installs `meta` for the duration of one model forward; nesting is a bug."""
+    global _context
+    assert _context is None, "forward_context does not nest"
+    _context = meta
+    try:
+        yield meta
+    finally:
+        _context = None
+
+
+def get_forward_context() -> AttentionMetadata:
+    assert _context is not None, "model forward called outside forward_context()"
+    return _context
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for one layer and writes the step's K/V into the paged cache."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; returns [T, Hq, D]."""
+        ...
+
+
+BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str) -> Callable:
+    def wrap(factory: Callable[[], AttentionBackend]) -> Callable[[], AttentionBackend]:
+        BACKENDS[name] = factory
+        return factory
+    return wrap
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(BACKENDS)}")
+    return BACKENDS[name]()
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatters new K/V rows into the paged cache. kv_cache: [2, NB, BS, Hkv, D]; k, v: [T, Hkv, D]."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    kv_cache[0].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
+              seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reads one sequence's first `seq_len` K/V rows. block_table: [max_blocks] -> ([L, Hkv, D]) x 2."""
+    bs = kv_cache.shape[2]
+    blocks = block_table[: (seq_len + bs - 1) // bs]
+    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of q (the last q_len positions) over k/v. q: [Lq, Hq, D]; k, v: [Lk, Hkv, D]."""
+    lq, lk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, L, D]
+    if lq == lk:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    elif lq == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
+    else:
+        # Query i sits at absolute position lk - lq + i and sees keys 0..that position.
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+@register_backend("torch")
+class TorchAttention:
+    """Reference backend: per-sequence SDPA over K/V gathered from the paged cache."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        if kv_cache is not None:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        qsl = meta.query_start_loc
+        for i, seq_len in enumerate(meta.seq_lens):
+            s, e = qsl[i], qsl[i + 1]
+            if kv_cache is None:
+                ks, vs = k[s:e], v[s:e]
+            else:
+                ks, vs = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+            out[s:e] = _sdpa(q[s:e], ks, vs, scale)
+        return out
+
+
+class Attention(nn.Module):
+    """One layer's attention; reads the step layout from the forward context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int,
+                 backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.scale = head_dim ** -0.5
+        self.backend = backend or get_backend("torch")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
+        meta = get_forward_context()
+        cache = meta.kv_caches[self.layer_idx] if meta.kv_caches is not None else None
+        return self.backend(q, k, v, self.scale, cache, meta)
