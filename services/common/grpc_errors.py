@@ -1,0 +1,64 @@
+"""Domain errors -> gRPC status codes, in one table and one decorator for every servicer.
+
+Servicers raise domain exceptions (or let them propagate from the engine / cache logic); the
+decorator aborts the RPC with the mapped code and the exception's message. Anything unmapped is
+logged and reported as INTERNAL without leaking internals to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+_STATUS: dict[type[BaseException], grpc.StatusCode] = {}
+
+
+def register_status(exc_type: type[BaseException], code: grpc.StatusCode) -> None:
+    """Maps an exception type (and its subclasses) to a status code."""
+    _STATUS[exc_type] = code
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code = status_for(exc)
+    if code is None:
+        logger.exception("unhandled error in RPC", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
+    await context.abort(code, str(exc))
+
+
+def maps_errors(handler: Callable) -> Callable:
+    """Wraps an aio servicer method (unary or server-streaming) with the status mapping."""
+    if inspect.isasyncgenfunction(handler):
+        @functools.wraps(handler)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+            try:
+                async for item in handler(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
+                await _abort(context, exc)
+        return stream
+
+    @functools.wraps(handler)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc)
+    return unary

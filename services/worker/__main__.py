@@ -1,0 +1,78 @@
+"""`python -m services.worker --model smollm2 --tier small --port 50061` starts one worker.
+
+The command line is the only place the worker's configuration is read (plus an optional YAML
+file whose keys are WorkerConfig field names; flags override it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+
+import yaml
+
+from services.worker.config import WorkerConfig
+from services.worker.engine.config import CacheConfig
+
+
+def parse_args(argv: list[str]) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m services.worker", description=__doc__)
+    p.add_argument("--config", help="YAML file with WorkerConfig fields (flags override it)")
+    p.add_argument("--model", help='a .gguf file, an HF folder, or "smollm2"')
+    p.add_argument("--tier", choices=("small", "quantized", "large"))
+    p.add_argument("--worker-id")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--max-waiting", type=int)
+    p.add_argument("--drain-timeout-s", type=float)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--kv-cache-bytes", type=int, help="KV cache budget in bytes")
+    p.add_argument("--kv-cache-fraction", type=float, help="fraction of available memory")
+    p.add_argument("--num-kv-blocks", type=int)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    args = p.parse_args(argv)
+
+    values: dict = {}
+    if args.config:
+        with open(args.config) as f:
+            values.update(yaml.safe_load(f) or {})
+    cache = dict(values.pop("cache", {}) or {})
+    for flag, key in (("block_size", "block_size"), ("kv_cache_bytes", "memory_bytes"),
+                      ("kv_cache_fraction", "memory_fraction"), ("num_kv_blocks", "num_blocks")):
+        if getattr(args, flag) is not None:
+            cache[key] = getattr(args, flag)
+    if args.no_prefix_caching:
+        cache["enable_prefix_caching"] = False
+    for f in dataclasses.fields(WorkerConfig):
+        value = getattr(args, f.name, None)
+        if value is not None and f.name != "cache":
+            values[f.name] = value
+    if "model" not in values:
+        p.error("--model is required (or `model:` in --config)")
+    values.setdefault("worker_id", "")
+    config = WorkerConfig(cache=CacheConfig(**cache), **values)
+    if not config.worker_id:
+        config = dataclasses.replace(config, worker_id=f"{config.tier}-{config.port}")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("SWITCHYARD_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {config.worker_id} %(levelname)s %(name)s: %(message)s")
+    from services.worker.server import WorkerServer  # after logging: imports torch
+
+    asyncio.run(WorkerServer(config).run())
+
+
+if __name__ == "__main__":
+    main()

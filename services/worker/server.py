@@ -1,0 +1,121 @@
+"""Worker process lifecycle: listen first (NOT_SERVING), load the model, serve, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from services.common.assets import smollm2_gguf_path
+from services.worker.config import WorkerConfig
+from services.worker.engine.async_engine import AsyncEngine
+from services.worker.engine.config import SchedulerConfig
+from services.worker.engine.engine import LLMEngine
+from services.worker.model.loader import load_model
+from services.worker.service import WorkerServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+# Named model shortcuts, so the README and configs need no site-packages paths.
+MODEL_ALIASES = {"smollm2": smollm2_gguf_path}
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+def resolve_model(model: str) -> Path:
+    if model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]()
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} is neither a path nor one of {sorted(MODEL_ALIASES)}")
+    return path
+
+
+def build_engine(config: WorkerConfig) -> LLMEngine:
+    loaded = load_model(resolve_model(config.model), dtype=getattr(torch, config.dtype))
+    max_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                  loaded.config.max_position_embeddings)
+    sched = SchedulerConfig(max_model_len=max_len, max_num_seqs=config.max_num_seqs,
+                            max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_waiting=config.max_waiting)
+    return LLMEngine(loaded, config.cache, sched)
+
+
+class WorkerServer:
+    """One worker process's server; `run()` returns after a drained shutdown."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.servicer = WorkerServicer(config)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+        self.ready = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.server = grpc.aio.server(options=opts)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._set_health(False)
+        await self.server.start()
+        return self.port
+
+    async def load(self) -> None:
+        torch.set_num_threads(self.config.threads)
+        start = time.perf_counter()
+        # Loading is seconds of CPU work; keep the event loop answering health checks meanwhile.
+        engine = await asyncio.to_thread(build_engine, self.config)
+        aengine = AsyncEngine(engine)
+        aengine.start()
+        self.servicer.attach(aengine)
+        await self._set_health(True)
+        logger.info("worker %s serving %s on port %d (ready in %.1f s)", self.config.worker_id,
+                    engine.loaded.model_id, self.port, time.perf_counter() - start)
+        self.ready.set()
+
+    async def drain_and_stop(self) -> None:
+        """Stops taking requests, lets in-flight ones finish up to the drain timeout, exits."""
+        self.servicer.draining = True
+        await self._set_health(False)
+        engine = self.servicer.engine
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while engine is not None and engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine is not None and engine.num_in_flight:
+            logger.warning("drain timeout: aborting %d requests", engine.num_in_flight)
+        await self.server.stop(grace=1.0)
+        if engine is not None:
+            engine.shutdown()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        print(f"worker listening on {self.config.host}:{self.port} (loading model)", flush=True)
+        load = asyncio.create_task(self.load())
+        await self.stopping.wait()
+        if not load.done():
+            load.cancel()
+        await self.drain_and_stop()

@@ -1,0 +1,105 @@
+"""The worker's gRPC servicer: a thin adapter from WorkerService to the AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from switchyard.common.v1 import common_pb2
+from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from services.common.grpc_errors import maps_errors, register_status
+from services.worker import convert
+from services.worker.config import WorkerConfig
+from services.worker.engine.async_engine import AsyncEngine
+from services.worker.engine.errors import EngineDead, InvalidArgument, QueueFull
+
+logger = logging.getLogger(__name__)
+
+register_status(InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT)
+register_status(QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED)
+register_status(EngineDead, grpc.StatusCode.UNAVAILABLE)
+
+TIERS = {"small": common_pb2.TIER_SMALL, "quantized": common_pb2.TIER_QUANTIZED,
+         "large": common_pb2.TIER_LARGE}
+
+
+class NotServing(RuntimeError):
+    """The worker is still loading or is draining (maps to UNAVAILABLE)."""
+
+
+register_status(NotServing, grpc.StatusCode.UNAVAILABLE)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Starts before the model is loaded (so probes get answers); `attach` makes it serve."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.engine: AsyncEngine | None = None
+        self.draining = False
+
+    def attach(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+        self.model_id = engine.engine.loaded.model_id
+
+    @property
+    def serving(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def _require_serving(self) -> AsyncEngine:
+        if self.engine is None:
+            raise NotServing("worker is loading its model; retry shortly or on another replica")
+        if self.draining:
+            raise NotServing("worker is draining; retry on another replica")
+        return self.engine
+
+    @maps_errors
+    async def Generate(self, request, context):
+        self._require_serving()
+        convert.validate_request(request)
+        params = convert.sampling_params(request)
+        prompt_ids = self.tokenizer.encode(convert.prompt_text(request, self.tokenizer))
+        async for event in self.engine.generate(request.request_id, prompt_ids, params):
+            if event.text or event.token_ids:
+                yield convert.chunk(event, self.tokenizer)
+            if event.completion is not None:
+                yield convert.complete(event.completion, self.model_id)
+
+    @maps_errors
+    async def Abort(self, request, context):
+        found = self.engine is not None and self.engine.abort(request.request_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    def load(self) -> worker_pb2.Load:
+        if self.engine is None:
+            return worker_pb2.Load(worker_id=self.config.worker_id, tier=TIERS[self.config.tier],
+                                   serving=False, timestamp_unix_ms=time.time() * 1000.0)
+        eng = self.engine.engine
+        bm, sched = eng.block_manager, eng.scheduler
+        hits, queries = bm.prefix_cache_stats() if hasattr(bm, "prefix_cache_stats") else (0, 0)
+        return worker_pb2.Load(
+            worker_id=self.config.worker_id, model_id=self.model_id,
+            tier=TIERS[self.config.tier], num_running=sched.num_running,
+            num_waiting=sched.num_waiting, max_waiting=sched.config.max_waiting,
+            max_running=sched.config.max_num_seqs, kv_blocks_free=bm.num_free_blocks,
+            kv_blocks_total=bm.num_blocks, kv_block_size=bm.block_size,
+            max_context_tokens=sched.config.max_model_len, serving=self.serving,
+            prefix_cache_hit_tokens=hits, prefix_cache_query_tokens=queries,
+            timestamp_unix_ms=time.time() * 1000.0,
+        )
+
+    @maps_errors
+    async def GetLoad(self, request, context):
+        return self.load()
+
+    @maps_errors
+    async def WatchLoad(self, request, context):
+        interval = max(request.interval_ms or self.config.load_interval_ms,
+                       self.config.min_load_interval_ms) / 1000.0
+        while True:
+            yield self.load()
+            await asyncio.sleep(interval)
