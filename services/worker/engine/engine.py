@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from services.worker.model.loader import LoadedModel
@@ -23,6 +24,18 @@ from .scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class EngineStats:
+    """Monotonic counters since start (the metrics layer reads and exports them)."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0  # prefill tokens run through the model (recompute included)
+    generation_tokens: int = 0
+    preemptions: int = 0
+    aborted_requests: int = 0
+    aborted_generated_tokens: int = 0  # tokens generated for requests later aborted (waste)
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache for one model."""
 
@@ -36,6 +49,7 @@ class LLMEngine:
                                           cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.clock = clock
+        self.stats = EngineStats()
         self._streams: dict[str, RequestStream] = {}
 
     @property
@@ -54,8 +68,11 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> StreamEvent | None:
         """Frees the request's blocks now; returns its final (ABORT) event, or None if unknown."""
-        if not self.scheduler.abort(request_id):
+        request = self.scheduler.get_request(request_id)
+        if request is None or not self.scheduler.abort(request_id):
             return None
+        self.stats.aborted_requests += 1
+        self.stats.aborted_generated_tokens += request.num_output_tokens
         stream = self._streams.pop(request_id)
         return stream.finish(RequestStatus.FINISHED_ABORTED, None, self.clock())
 
@@ -70,7 +87,19 @@ class LLMEngine:
             self._streams[s.request_id].mark_scheduled(now)
         model_output = self.runner.execute(so)
         outputs = self.scheduler.update_from_output(so, model_output)
+        self._count(so, model_output)
         return self._process(outputs)
+
+    def _count(self, so, model_output) -> None:
+        st = self.stats
+        st.steps += 1
+        st.preemptions += len(so.preempted_request_ids)
+        st.generation_tokens += len(model_output.sampled_token_ids)
+        for s in so.scheduled:
+            # Tokens before the prompt's end are prefill (a preempted request recomputes its
+            # outputs too: those count as prefill work).
+            prefill_end = max(s.request.num_tokens - 1, s.request.num_prompt_tokens)
+            st.prompt_tokens_computed += max(0, min(s.end_position, prefill_end) - s.start_position)
 
     def _process(self, outputs) -> list[StreamEvent]:
         now = self.clock()
