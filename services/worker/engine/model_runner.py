@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.model.attention import AttentionMetadata, forward_context
+from services.worker.model.attention import AttentionMetadata, forward_context, plan_decode
 from services.worker.model.loader import LoadedModel
 
 from . import sampler
@@ -136,6 +136,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
             kv_caches=self.kv_caches,
         )
+        plan_decode(meta, bs)
         return (torch.tensor(ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev), meta)
 

@@ -38,6 +38,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     kv_caches: list[torch.Tensor] | None = None
 
+    decode: "DecodeBatch | None" = None
+    """Set by `plan_decode`: the step's single-token rows, batched for one attention call."""
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
@@ -49,6 +52,42 @@ class AttentionMetadata:
         for n in lengths:
             starts.append(starts[-1] + n)
         return cls(query_start_loc=starts, seq_lens=list(lengths))
+
+
+@dataclass
+class DecodeBatch:
+    """Rows of a step with one query token each, padded to the longest context among them.
+
+    Computed once per step (not per layer). Bd = decode rows, NB = blocks of the longest row.
+    seq_idx: host list of their sequence indices; token_idx: [Bd] their rows in the flat batch;
+    flat_blocks: [Bd * NB] block ids (padding repeats block 0, masked out);
+    mask: [Bd, 1, 1, NB * block_size] bool, True where a key position is inside the context.
+    """
+
+    seq_idx: list[int]
+    token_idx: torch.Tensor
+    flat_blocks: torch.Tensor
+    num_blocks: int
+    mask: torch.Tensor
+
+
+def plan_decode(meta: AttentionMetadata, block_size: int) -> None:
+    """Fills `meta.decode` when at least two rows decode (one row gains nothing from batching)."""
+    qsl, rows = meta.query_start_loc, []
+    for i in range(meta.num_seqs):
+        if qsl[i + 1] - qsl[i] == 1:
+            rows.append(i)
+    if len(rows) < 2 or meta.block_tables is None:
+        return
+    dev = meta.block_tables.device
+    lens = torch.tensor([meta.seq_lens[i] for i in rows], device=dev)
+    nb = (int(lens.max()) + block_size - 1) // block_size
+    idx = torch.tensor(rows, device=dev)
+    flat = meta.block_tables.index_select(0, idx)[:, :nb].reshape(-1)
+    positions = torch.arange(nb * block_size, device=dev)
+    mask = (positions.unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+    meta.decode = DecodeBatch(rows, torch.tensor([qsl[i] for i in rows], device=dev), flat, nb,
+                              mask)
 
 
 _context: AttentionMetadata | None = None
@@ -115,9 +154,12 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of q (the last q_len positions) over k/v. q: [Lq, Hq, D]; k, v: [Lk, Hkv, D]."""
+    """Causal attention of q (the last q_len positions) over k/v. q: [Lq, Hq, D]; k, v: [Lk, Hkv, D].
+
+    4-D inputs: torch's CPU flash kernel only takes them (5x faster than 3-D at 512 tokens).
+    """
     lq, lk = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, L, D]
+    qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, L, D]
     if lq == lk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                              enable_gqa=True)
@@ -128,7 +170,23 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
         mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                              enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
+
+
+def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, db: DecodeBatch,
+                    scale: float) -> torch.Tensor:
+    """All single-token rows in one call. The G query heads that share a KV head act as G query
+    positions of that head (no causal mask among them), so GQA needs no K/V expansion.
+    Returns [Bd, Hq, D]."""
+    _, _, bs, hkv, d = kv_cache.shape
+    bd = len(db.seq_idx)
+    # [Bd, NB*BS, Hkv, D] -> [Bd, Hkv, NB*BS, D] (a strided view, read as is by SDPA)
+    k = kv_cache[0].index_select(0, db.flat_blocks).view(bd, db.num_blocks * bs, hkv, d)
+    v = kv_cache[1].index_select(0, db.flat_blocks).view(bd, db.num_blocks * bs, hkv, d)
+    qd = q.index_select(0, db.token_idx).view(bd, hkv, -1, d)  # [Bd, Hkv, G, D]
+    out = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=db.mask, scale=scale)
+    return out.reshape(bd, -1, d)
 
 
 @register_backend("torch")
@@ -140,8 +198,15 @@ class TorchAttention:
         if kv_cache is not None:
             write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        batched: set[int] = set()
+        if kv_cache is not None and meta.decode is not None:
+            db = meta.decode
+            out.index_copy_(0, db.token_idx, _batched_decode(q, kv_cache, db, scale))
+            batched = set(db.seq_idx)
         qsl = meta.query_start_loc
         for i, seq_len in enumerate(meta.seq_lens):
+            if i in batched:
+                continue
             s, e = qsl[i], qsl[i + 1]
             if kv_cache is None:
                 ks, vs = k[s:e], v[s:e]

@@ -1,0 +1,206 @@
+"""Redis persistence of cache entries, with fail-open error handling.
+
+Layout (P = config.key_prefix):
+  P e:<id>            HASH  m: answer JSON, q: embedded query text, g: semantic group,
+                            v: float32 vector blob. Carries the entry's Redis TTL.
+  P ix                HASH  id -> JSON [tenant, model_version, prompt_version, group]; the
+                            registry of live entries (no TTL), so expired ones can be cleaned up
+  P lru:<tenant>      ZSET  id -> logical clock of last store/hit (the tenant's LRU order)
+  P mv:<version>      SET   ids by model version;  P pv:<version>  SET  ids by prompt version
+  P exp               ZSET  id -> expiry (ms, Redis clock); swept by every replica
+  P clock / P count   INT   logical LRU clock / number of live entries
+  channel P events    "a|<id>|<group>|<vector>" on store, "d|<id>,<id>,..." on removal
+
+Every mutation is one Lua script, so the bookkeeping stays consistent and each store, touch or
+removal is one round trip; the scripts publish their own index events. The scripts build key
+names from the prefix, so this layout targets a single Redis (not Redis Cluster). Only e:* keys
+carry TTLs: with maxmemory, use a volatile-* policy so Redis never evicts the bookkeeping.
+
+Fail-open: every call has a socket timeout (config.redis_timeout_s) and no retries; a failure
+raises StoreUnavailable and opens a breaker that fails calls at once for config.redis_retry_s
+(or until `ping` succeeds), so a dead or hung Redis costs a Lookup at most one timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from services.cache.domain import StoreUnavailable
+
+T = TypeVar("T")
+_LUA = (Path(__file__).parent / "scripts.lua").read_text(encoding="utf-8")
+_BULK_TIMEOUT_S = 5.0  # rebuild, reconcile, invalidation: not on a request's latency path
+
+
+@dataclass(frozen=True)
+class Record:
+    """One entry as written to Redis."""
+
+    entry_id: str
+    tenant: str
+    model_version: str
+    prompt_version: str
+    meta: bytes
+    query_text: str = ""
+    group: str = ""
+    vector: bytes = b""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An entry as read back for serving."""
+
+    meta: bytes
+    query_text: str
+
+
+def _script(name: str) -> str:
+    """The shared `remove` function plus the body of script `name` from scripts.lua."""
+    parts = dict(p.split("\n", 1) for p in _LUA.split("-- @")[1:])
+    return parts["remove"] + parts[name]
+
+
+class RedisStore:
+    """Entries in Redis. Thread-safe (redis-py pools connections)."""
+
+    def __init__(self, url: str, prefix: str, timeout_s: float, retry_s: float,
+                 on_error: Callable[[str], None] = lambda op: None):
+        kw = dict(socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+                  health_check_interval=0)
+        self._fast = redis.Redis.from_url(url, socket_timeout=timeout_s, **kw)
+        self._bulk = redis.Redis.from_url(url, socket_timeout=max(timeout_s, _BULK_TIMEOUT_S), **kw)
+        self.prefix = prefix
+        self.channel = prefix + "events"
+        self._retry_s = retry_s
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.available = True
+        self._on_error = on_error
+        self._store = self._fast.register_script(_script("store"))
+        self._touch = self._fast.register_script(_script("touch"))
+        self._remove = self._bulk.register_script(_script("remove_ids"))
+        self._sweep = self._bulk.register_script(_script("sweep"))
+
+    def _k(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def _run(self, op: str, fn: Callable[[], T], *, probe: bool = False) -> T:
+        if not probe and time.monotonic() < self._down_until:
+            raise StoreUnavailable(f"redis unavailable ({op} skipped during back-off)")
+        try:
+            result = fn()
+        except (redis.RedisError, OSError) as e:
+            with self._lock:
+                self._down_until = time.monotonic() + self._retry_s
+                self.available = False
+            self._on_error(op)
+            raise StoreUnavailable(f"redis {op} failed: {e}") from e
+        if not self.available or self._down_until:
+            with self._lock:
+                self._down_until = 0.0
+                self.available = True
+        return result
+
+    def ping(self) -> bool:
+        """Health probe; always tries Redis, and closes or opens the breaker."""
+        try:
+            return bool(self._run("ping", self._fast.ping, probe=True))
+        except StoreUnavailable:
+            return False
+
+    def put(self, rec: Record, ttl_ms: int, max_entries: int) -> list[str]:
+        """Writes an entry (replacing one with the same id); returns ids evicted by the LRU."""
+        args = [self.prefix, rec.entry_id, rec.tenant, rec.model_version, rec.prompt_version,
+                rec.group, ttl_ms, max_entries, rec.meta, rec.query_text, rec.vector]
+        evicted = self._run("store", lambda: self._store(args=args))
+        return [e.decode() for e in evicted]
+
+    def fetch(self, entry_ids: list[str]) -> list[Fetched | None]:
+        """Reads entries for serving, in order; None for a missing (expired/removed) one."""
+        def op() -> list:
+            pipe = self._fast.pipeline(transaction=False)
+            for eid in entry_ids:
+                pipe.hmget(self._k("e:" + eid), "m", "q")
+            return pipe.execute()
+        rows = self._run("fetch", op)
+        return [None if m is None else Fetched(m, (q or b"").decode()) for m, q in rows]
+
+    def touch(self, tenant: str, entry_id: str, refresh_ttl_ms: int | None) -> None:
+        """Marks an entry used (LRU) and, if refresh_ttl_ms is set, restarts its TTL."""
+        args = [self.prefix, tenant, entry_id, "1" if refresh_ttl_ms else "0", refresh_ttl_ms or 0]
+        self._run("touch", lambda: self._touch(args=args))
+
+    def remove(self, entry_ids: list[str], tenant_filter: str = "", chunk: int = 500) -> int:
+        """Removes entries (only the tenant's, if tenant_filter); returns how many existed."""
+        removed = 0
+        for i in range(0, len(entry_ids), chunk):
+            args = [self.prefix, tenant_filter, *entry_ids[i : i + chunk]]
+            removed += int(self._run("remove", lambda: self._remove(args=args)))
+        return removed
+
+    def sweep_expired(self, limit: int = 1000) -> list[str]:
+        """Removes the bookkeeping of entries whose TTL passed; returns their ids."""
+        return [e.decode() for e in self._run("sweep", lambda: self._sweep(args=[self.prefix,
+                                                                                 limit]))]
+
+    def tenant_ids(self, tenant: str) -> list[str]:
+        """Ids of a tenant's entries."""
+        ids = self._run("scan", lambda: self._bulk.zrange(self._k("lru:" + tenant), 0, -1))
+        return [i.decode() for i in ids]
+
+    def version_ids(self, kind: str, version: str) -> list[str]:
+        """Ids of entries with a model version (kind "mv") or prompt version (kind "pv")."""
+        ids = self._run("scan", lambda: self._bulk.smembers(self._k(f"{kind}:{version}")))
+        return [i.decode() for i in ids]
+
+    def count(self, tenant: str | None = None) -> int:
+        """Live entries of a tenant, or of all tenants (tenant None)."""
+        if tenant is None:
+            return int(self._run("count", lambda: self._fast.get(self._k("count"))) or 0)
+        return int(self._run("count", lambda: self._fast.zcard(self._k("lru:" + tenant))))
+
+    def semantic_ids(self) -> dict[str, str]:
+        """id -> group of every live entry that has a vector (HSCAN, non-blocking)."""
+        def op() -> dict[str, str]:
+            out = {}
+            for eid, info in self._bulk.hscan_iter(self._k("ix"), count=1000):
+                group = json.loads(info)[3]
+                if group:
+                    out[eid.decode()] = group
+            return out
+        return self._run("scan", op)
+
+    def vectors(self, entry_ids: list[str], chunk: int = 500) -> Iterator[tuple[str, str, bytes]]:
+        """(id, group, float32 blob) of the given entries that still exist."""
+        for i in range(0, len(entry_ids), chunk):
+            ids = entry_ids[i : i + chunk]
+
+            def op() -> list:
+                pipe = self._bulk.pipeline(transaction=False)
+                for eid in ids:
+                    pipe.hmget(self._k("e:" + eid), "g", "v")
+                return pipe.execute()
+            for eid, (g, v) in zip(ids, self._run("scan", op)):
+                if g and v:
+                    yield eid, g.decode(), v
+
+    def pubsub(self) -> redis.client.PubSub:
+        """A pub/sub connection subscribed to the index event channel (may raise)."""
+        ps = self._bulk.pubsub(ignore_subscribe_messages=True)
+        ps.subscribe(self.channel)
+        return ps
+
+    def close(self) -> None:
+        """Closes the connection pools."""
+        self._fast.close()
+        self._bulk.close()
