@@ -153,6 +153,8 @@ class MiniLMEmbedder:
                     out[i] = v
         if todo:
             out[todo] = self._fast([texts[i] for i in todo])
+            if not self._lru_size:
+                return out
             with self._lock:
                 for i in todo:
                     self._lru[texts[i]] = out[i].copy()

@@ -34,6 +34,7 @@ GAZETTEER_PATH = Path(__file__).parent / "data" / "gazetteer.txt"
 
 _WORD_RE = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
 _NUM_RE = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?(?:(st|nd|rd|th)(?![A-Za-z]))?")
+_ORDINAL_RE = re.compile(r"\d+(?:st|nd|rd|th)", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"[.!?:;\n]")
 
 NEGATION_CUES = frozenset(
@@ -216,8 +217,9 @@ class SemanticGuard:
 
 
 def _is_entity_like(token: str, sentence_initial: bool) -> bool:
-    has_alpha = any(c.isalpha() for c in token)
-    if has_alpha and any(c.isdigit() for c in token):
+    if _ORDINAL_RE.fullmatch(token):  # "3rd" is a number, compared by the number rule
+        return False
+    if any(c.isalpha() for c in token) and any(c.isdigit() for c in token):
         return True
     if any(c.isupper() for c in token[1:]):
         return True
@@ -248,8 +250,8 @@ def _arrows(words: list[str]) -> frozenset[tuple[str, str]]:
 
 def _missing_entities(entities: frozenset[str], words: frozenset[str]) -> set[str]:
     # Tolerate a plural/singular difference ("Mondays" / "Monday").
-    return {e for e in entities
-            if e not in words and e + "s" not in words and not (e.endswith("s") and e[:-1] in words)}
+    return {e for e in entities if e not in words and e + "s" not in words
+            and not (e.endswith("s") and e[:-1] in words)}
 
 
 @lru_cache(maxsize=4)

@@ -1,8 +1,8 @@
 -- Lua scripts of services/cache/store.py; the key layout is described there.
--- Each "-- @name" section is one script; the "remove" section is prepended to every script.
+-- Each "-- @name" section is one script; the "lib" section is prepended to every script.
 -- ARGV[1] is always the key prefix P. Times are Redis's clock in ms.
 
--- @remove
+-- @lib
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -27,15 +27,28 @@ local function publish_removed(p, ids)
   if #ids > 0 then redis.call('PUBLISH', p .. 'events', 'd|' .. table.concat(ids, ',')) end
 end
 
+-- Moves an entry to its tenant's LRU fresh end; refresh = '1' also restarts its TTL.
+local function touch(p, tenant, id, refresh, ttl)
+  local lru = p .. 'lru:' .. tenant
+  if redis.call('ZSCORE', lru, id) then
+    redis.call('ZADD', lru, 'XX', redis.call('INCR', p .. 'clock'), id)
+  end
+  if refresh == '1' and redis.call('PEXPIRE', p .. 'e:' .. id, ttl) == 1 then
+    redis.call('ZADD', p .. 'exp', 'XX', now_ms() + ttl, id)
+  end
+end
+
 -- @store
 -- ARGV: P, id, tenant, model_version, prompt_version, group, ttl_ms, max_entries, meta,
--- query_text, vector. Returns the ids evicted from the tenant's LRU.
+-- query_text, vector, finish ('S' stop / 'L' length), completion_tokens, max_tokens.
+-- Returns the ids evicted from the tenant's LRU.
 local p, id, tenant, group = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
 local ttl, max_entries = tonumber(ARGV[7]), tonumber(ARGV[8])
 local key, lru = p .. 'e:' .. id, p .. 'lru:' .. tenant
 local existed = redis.call('HEXISTS', p .. 'ix', id)
 redis.call('DEL', key)
-redis.call('HSET', key, 'm', ARGV[9], 'q', ARGV[10], 'g', group, 'v', ARGV[11])
+redis.call('HSET', key, 'm', ARGV[9], 'q', ARGV[10], 'g', group, 'v', ARGV[11],
+           'f', ARGV[12], 'c', ARGV[13], 'x', ARGV[14])
 redis.call('PEXPIRE', key, ttl)
 redis.call('HSET', p .. 'ix', id, cjson.encode({tenant, ARGV[4], ARGV[5], group}))
 redis.call('ZADD', lru, redis.call('INCR', p .. 'clock'), id)
@@ -58,23 +71,29 @@ publish_removed(p, evicted)
 return evicted
 
 -- @touch
--- ARGV: P, tenant, id, refresh ("1"/"0"), ttl_ms. Moves the entry to the LRU's fresh end and,
--- if refresh, restarts its TTL.
-local p, tenant, id = ARGV[1], ARGV[2], ARGV[3]
-local lru = p .. 'lru:' .. tenant
-if redis.call('ZSCORE', lru, id) then
-  redis.call('ZADD', lru, 'XX', redis.call('INCR', p .. 'clock'), id)
-end
-if ARGV[4] == '1' then
-  local ttl = tonumber(ARGV[5])
-  if redis.call('PEXPIRE', p .. 'e:' .. id, ttl) == 1 then
-    redis.call('ZADD', p .. 'exp', 'XX', now_ms() + ttl, id)
-  end
-end
+-- ARGV: P, tenant, id, refresh ('1'/'0'), ttl_ms. Marks the entry used (see touch()).
+touch(ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
 return 1
 
+-- @get
+-- ARGV: P, tenant, max_tokens, refresh ('1'/'0'), ttl_ms, id... The exact lookup in one round
+-- trip: returns {id, meta} of the first entry that exists and fits max_tokens (a STOP answer
+-- with completion_tokens <= max_tokens, or a LENGTH one stored at this max_tokens), marking
+-- it used; {} if none.
+local p, tenant, mt = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i = 6, #ARGV do
+  local id = ARGV[i]
+  local e = redis.call('HMGET', p .. 'e:' .. id, 'm', 'f', 'c', 'x')
+  if e[1] and ((e[2] == 'S' and tonumber(e[3]) <= mt) or (e[2] == 'L' and tonumber(e[4]) == mt))
+  then
+    touch(p, tenant, id, ARGV[4], tonumber(ARGV[5]))
+    return {id, e[1]}
+  end
+end
+return {}
+
 -- @remove_ids
--- ARGV: P, tenant_filter ("" = any tenant), id... Returns how many entries were removed.
+-- ARGV: P, tenant_filter ("" = any tenant), id... Returns the ids removed.
 local p, tenant_filter = ARGV[1], ARGV[2]
 local removed = {}
 for i = 3, #ARGV do
@@ -87,7 +106,7 @@ for i = 3, #ARGV do
   if ok and remove(p, id) == 1 then table.insert(removed, id) end
 end
 publish_removed(p, removed)
-return #removed
+return removed
 
 -- @sweep
 -- ARGV: P, limit. Removes up to `limit` entries whose expiry passed; returns their ids.

@@ -24,6 +24,8 @@ raises StoreUnavailable and opens a breaker that fails calls at once for config.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +39,7 @@ from redis.retry import Retry
 
 from services.cache.domain import StoreUnavailable
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _LUA = (Path(__file__).parent / "scripts.lua").read_text(encoding="utf-8")
 _BULK_TIMEOUT_S = 5.0  # rebuild, reconcile, invalidation: not on a request's latency path
@@ -51,6 +54,11 @@ class Record:
     model_version: str
     prompt_version: str
     meta: bytes
+    finish: str
+    """"S" (a STOP answer) or "L" (LENGTH)."""
+    completion_tokens: int
+    max_tokens: int
+    """The max_tokens of the request that produced the answer."""
     query_text: str = ""
     group: str = ""
     vector: bytes = b""
@@ -65,9 +73,10 @@ class Fetched:
 
 
 def _script(name: str) -> str:
-    """The shared `remove` function plus the body of script `name` from scripts.lua."""
-    parts = dict(p.split("\n", 1) for p in _LUA.split("-- @")[1:])
-    return parts["remove"] + parts[name]
+    """The shared `lib` section plus the section `name` of scripts.lua."""
+    pieces = re.split(r"^-- @(\w+)\n", _LUA, flags=re.MULTILINE)
+    sections = dict(zip(pieces[1::2], pieces[2::2]))
+    return sections["lib"] + sections[name]
 
 
 class RedisStore:
@@ -88,6 +97,7 @@ class RedisStore:
         self._on_error = on_error
         self._store = self._fast.register_script(_script("store"))
         self._touch = self._fast.register_script(_script("touch"))
+        self._get = self._fast.register_script(_script("get"))
         self._remove = self._bulk.register_script(_script("remove_ids"))
         self._sweep = self._bulk.register_script(_script("sweep"))
 
@@ -99,6 +109,11 @@ class RedisStore:
             raise StoreUnavailable(f"redis unavailable ({op} skipped during back-off)")
         try:
             result = fn()
+        except redis.ResponseError as e:
+            # Redis answered with an error (e.g. OOM under maxmemory): it is up, so no back-off.
+            logger.warning("redis %s error: %s", op, e)
+            self._on_error(op)
+            raise StoreUnavailable(f"redis {op} failed: {e}") from e
         except (redis.RedisError, OSError) as e:
             with self._lock:
                 self._down_until = time.monotonic() + self._retry_s
@@ -111,6 +126,10 @@ class RedisStore:
                 self.available = True
         return result
 
+    def backing_off(self) -> bool:
+        """True while calls are skipped after a recent failure."""
+        return time.monotonic() < self._down_until
+
     def ping(self) -> bool:
         """Health probe; always tries Redis, and closes or opens the breaker."""
         try:
@@ -118,12 +137,34 @@ class RedisStore:
         except StoreUnavailable:
             return False
 
+    def _store_args(self, rec: Record, ttl_ms: int, max_entries: int) -> list:
+        return [self.prefix, rec.entry_id, rec.tenant, rec.model_version, rec.prompt_version,
+                rec.group, ttl_ms, max_entries, rec.meta, rec.query_text, rec.vector,
+                rec.finish, rec.completion_tokens, rec.max_tokens]
+
     def put(self, rec: Record, ttl_ms: int, max_entries: int) -> list[str]:
         """Writes an entry (replacing one with the same id); returns ids evicted by the LRU."""
-        args = [self.prefix, rec.entry_id, rec.tenant, rec.model_version, rec.prompt_version,
-                rec.group, ttl_ms, max_entries, rec.meta, rec.query_text, rec.vector]
+        args = self._store_args(rec, ttl_ms, max_entries)
         evicted = self._run("store", lambda: self._store(args=args))
         return [e.decode() for e in evicted]
+
+    def put_many(self, records: list[Record], ttl_ms: int, max_entries: int) -> list[str]:
+        """Writes entries in one pipeline (bulk loads, benchmarks); returns evicted ids."""
+        def op() -> list:
+            pipe = self._bulk.pipeline(transaction=False)
+            for rec in records:
+                self._store(args=self._store_args(rec, ttl_ms, max_entries), client=pipe)
+            return pipe.execute()
+        return [e.decode() for evicted in self._run("store", op) for e in evicted]
+
+    def get_fitting(self, entry_ids: list[str], tenant: str, max_tokens: int,
+                    refresh_ttl_ms: int | None) -> tuple[str, bytes] | None:
+        """(id, answer JSON) of the first entry that exists and fits max_tokens, marked used
+        (one round trip); None if none does."""
+        args = [self.prefix, tenant, max_tokens, "1" if refresh_ttl_ms else "0",
+                refresh_ttl_ms or 0, *entry_ids]
+        found = self._run("get", lambda: self._get(args=args))
+        return (found[0].decode(), found[1]) if found else None
 
     def fetch(self, entry_ids: list[str]) -> list[Fetched | None]:
         """Reads entries for serving, in order; None for a missing (expired/removed) one."""
@@ -140,12 +181,14 @@ class RedisStore:
         args = [self.prefix, tenant, entry_id, "1" if refresh_ttl_ms else "0", refresh_ttl_ms or 0]
         self._run("touch", lambda: self._touch(args=args))
 
-    def remove(self, entry_ids: list[str], tenant_filter: str = "", chunk: int = 500) -> int:
-        """Removes entries (only the tenant's, if tenant_filter); returns how many existed."""
-        removed = 0
+    def remove(self, entry_ids: list[str], tenant_filter: str = "",
+               chunk: int = 500) -> list[str]:
+        """Removes entries (only the tenant's, if tenant_filter); returns the ids removed."""
+        removed: list[str] = []
         for i in range(0, len(entry_ids), chunk):
             args = [self.prefix, tenant_filter, *entry_ids[i : i + chunk]]
-            removed += int(self._run("remove", lambda: self._remove(args=args)))
+            ids = self._run("remove", lambda args=args: self._remove(args=args))
+            removed += [e.decode() for e in ids]
         return removed
 
     def sweep_expired(self, limit: int = 1000) -> list[str]:
@@ -185,7 +228,7 @@ class RedisStore:
         for i in range(0, len(entry_ids), chunk):
             ids = entry_ids[i : i + chunk]
 
-            def op() -> list:
+            def op(ids: list[str] = ids) -> list:
                 pipe = self._bulk.pipeline(transaction=False)
                 for eid in ids:
                     pipe.hmget(self._k("e:" + eid), "g", "v")

@@ -80,7 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                    serving=False, timestamp_unix_ms=time.time() * 1000.0)
         eng = self.engine.engine
         bm, sched = eng.block_manager, eng.scheduler
-        hits, queries = bm.prefix_cache_stats() if hasattr(bm, "prefix_cache_stats") else (0, 0)
+        prefix = bm.enable_prefix_caching
         return worker_pb2.Load(
             worker_id=self.config.worker_id, model_id=self.model_id,
             tier=TIERS[self.config.tier], num_running=sched.num_running,
@@ -88,7 +88,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             max_running=sched.config.max_num_seqs, kv_blocks_free=bm.num_free_blocks,
             kv_blocks_total=bm.num_blocks, kv_block_size=bm.block_size,
             max_context_tokens=sched.config.max_model_len, serving=self.serving,
-            prefix_cache_hit_tokens=hits, prefix_cache_query_tokens=queries,
+            prefix_cache_hit_tokens=bm.stats.num_hits if prefix else None,
+            prefix_cache_query_tokens=bm.stats.num_queries if prefix else None,
             timestamp_unix_ms=time.time() * 1000.0,
         )
 

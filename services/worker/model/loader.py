@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig, UnsupportedModel
+from .cpu_linear import pack_linears, packing_supported
 from .registry import gguf_architecture, model_class
 
 if TYPE_CHECKING:
@@ -125,13 +126,20 @@ class _skip_init:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", with_tokenizer: bool = True) -> LoadedModel:
-    """Loads a GGUF file or an HF checkpoint folder; the rotary tables stay in float32."""
+               device: str | torch.device = "cpu", with_tokenizer: bool = True,
+               pack_cpu_linears: bool = True) -> LoadedModel:
+    """Loads a GGUF file or an HF checkpoint folder; the rotary tables stay in float32.
+
+    pack_cpu_linears: on CPU in float32, swap nn.Linear for oneDNN-prepacked layers (~2x faster
+    matmuls here; see cpu_linear.py). Off for code that needs the nn.Linear weights.
+    """
     start = time.perf_counter()
     path = Path(path)
     parts = _source(path)(path)
     model = build_model(parts.config, dtype, device)
     model.load_weights(parts.weights())
+    if pack_cpu_linears and packing_supported(torch.device(device), dtype):
+        pack_linears(model)
     tokenizer = parts.tokenizer() if with_tokenizer else None
     seconds = time.perf_counter() - start
     logger.info("loaded %s (%s, %s) in %.2f s", parts.model_id, parts.config.architecture,

@@ -77,7 +77,11 @@ def test_config_read_from_gguf(ours):
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (30, 576, 9, 3, 64)
     assert (c.vocab_size, c.intermediate_size, c.rope_theta) == (49152, 1536, 100000.0)
     assert c.tie_word_embeddings and c.architecture == "LlamaForCausalLM"
-    assert ours.model.lm_head.weight is ours.model.model.embed_tokens.weight
+    # Tied head: the LM head computes hidden @ embedding^T (packed separately for oneDNN).
+    h = torch.randn(2, 576)
+    with torch.no_grad():
+        want = h @ ours.model.model.embed_tokens.weight.T
+        assert torch.allclose(ours.model.compute_logits(h), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("text", CHATS[:4] + ["The quick brown fox jumps over the lazy dog. " * 8])
