@@ -137,10 +137,20 @@ def get_backend(name: str) -> AttentionBackend:
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatters new K/V rows into the paged cache. kv_cache: [2, NB, BS, Hkv, D]; k, v: [T, Hkv, D]."""
+    """Scatters new K/V rows into the paged cache. kv_cache: [2, NB, BS, Hkv, D]; k, v: [T, Hkv, D].
+
+    Row copies go through 2-D views ([slots, Hkv*D]): torch's index ops on 2-D tensors take a
+    row-memcpy path that is ~15x faster on CPU than the same op on the 4-D tensor.
+    """
     _, nb, bs, hkv, d = kv_cache.shape
-    kv_cache[0].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(nb * bs, hkv, d).index_copy_(0, slot_mapping, v)
+    kv_cache[0].view(nb * bs, hkv * d).index_copy_(0, slot_mapping, k.reshape(-1, hkv * d))
+    kv_cache[1].view(nb * bs, hkv * d).index_copy_(0, slot_mapping, v.reshape(-1, hkv * d))
+
+
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Copies whole blocks out of one half of the cache. cache: [NB, BS, Hkv, D] -> [n, BS, Hkv, D]."""
+    nb, bs, hkv, d = cache.shape
+    return cache.view(nb, bs * hkv * d).index_select(0, block_ids).view(-1, bs, hkv, d)
 
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -148,8 +158,8 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor,
     """Reads one sequence's first `seq_len` K/V rows. block_table: [max_blocks] -> ([L, Hkv, D]) x 2."""
     bs = kv_cache.shape[2]
     blocks = block_table[: (seq_len + bs - 1) // bs]
-    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]
-    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
+    k = gather_blocks(kv_cache[0], blocks).flatten(0, 1)[:seq_len]
+    v = gather_blocks(kv_cache[1], blocks).flatten(0, 1)[:seq_len]
     return k, v
 
 
@@ -181,8 +191,8 @@ def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, db: DecodeBatch,
     _, _, bs, hkv, d = kv_cache.shape
     bd = len(db.seq_idx)
     # [Bd, NB*BS, Hkv, D] -> [Bd, Hkv, NB*BS, D] (a strided view, read as is by SDPA)
-    k = kv_cache[0].index_select(0, db.flat_blocks).view(bd, db.num_blocks * bs, hkv, d)
-    v = kv_cache[1].index_select(0, db.flat_blocks).view(bd, db.num_blocks * bs, hkv, d)
+    k = gather_blocks(kv_cache[0], db.flat_blocks).view(bd, db.num_blocks * bs, hkv, d)
+    v = gather_blocks(kv_cache[1], db.flat_blocks).view(bd, db.num_blocks * bs, hkv, d)
     qd = q.index_select(0, db.token_idx).view(bd, hkv, -1, d)  # [Bd, Hkv, G, D]
     out = F.scaled_dot_product_attention(qd, k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=db.mask, scale=scale)
