@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -86,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
 
     server = CacheServer(config, load_embedder(config))
     server.start()
+    # torch, transformers and the model leave ~10^6 long-lived objects; a full GC pass over them
+    # takes tens of ms and would land on a request. Exempt everything alive now from GC.
+    gc.collect()
+    gc.freeze()
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

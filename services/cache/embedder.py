@@ -28,6 +28,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 EMBED_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+_WARM_UP_TOKENS = 64  # queries (last user turns) are rarely longer
 _PROBES = (
     "What is the capital of France?",
     "Is aspirin not safe for children?",
@@ -90,7 +91,6 @@ class _FastMiniLM:
             "ln2_b": sd[p + "output.LayerNorm.bias"],
         }
 
-    @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         encs = self.tokenizer.encode_batch(list(texts))
         b, n = len(encs), max(len(e.ids) for e in encs)
@@ -99,6 +99,19 @@ class _FastMiniLM:
         for i, e in enumerate(encs):
             ids[i, : len(e.ids)] = torch.tensor(e.ids)
             mask[i, : len(e.ids)] = True
+        return self.forward(ids, mask)
+
+    def warm_up(self, max_len: int) -> None:
+        """Runs one query of every length up to max_len tokens: the first matmul of each new
+        shape costs 3-6 ms more (oneDNN builds a kernel for it), which would otherwise land on
+        the first live queries of each length."""
+        for n in range(1, max_len + 1):
+            self.forward(torch.full((1, n), 1000), torch.ones(1, n, dtype=torch.bool))
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        """Token ids and attention mask [b, n] -> unit embeddings [b, hidden] (float32)."""
+        b, n = ids.shape
         # x: [b, n, hidden]
         x = self.word[ids] + self.pos[:n] + self.type0
         x = F.layer_norm(x, (self.hidden,), *self.emb_ln, self.eps)
@@ -186,5 +199,6 @@ def load_minilm(model_dir: Path, dtype: str = "bfloat16", lru_size: int = 1024) 
     agreement = float((ref * got).sum(axis=1).min())
     if agreement < 0.999:
         raise ValueError(f"fast MiniLM path disagrees with sentence-transformers: cos {agreement}")
+    fast.warm_up(_WARM_UP_TOKENS)
     logger.info("loaded MiniLM from %s (dtype %s, agreement %.6f)", model_dir, dtype, agreement)
     return MiniLMEmbedder(fast, dim=ref.shape[1], lru_size=lru_size)

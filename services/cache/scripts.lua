@@ -15,6 +15,7 @@ local function remove(p, id)
   if not info then return 0 end
   local t = cjson.decode(info)
   redis.call('HDEL', p .. 'ix', id)
+  redis.call('HDEL', p .. 'gx', id)
   redis.call('ZREM', p .. 'lru:' .. t[1], id)
   redis.call('SREM', p .. 'mv:' .. t[2], id)
   redis.call('SREM', p .. 'pv:' .. t[3], id)
@@ -57,6 +58,7 @@ redis.call('SADD', p .. 'pv:' .. ARGV[5], id)
 redis.call('ZADD', p .. 'exp', now_ms() + ttl, id)
 if existed == 0 then redis.call('INCR', p .. 'count') end
 if group ~= '' then
+  redis.call('HSET', p .. 'gx', id, group)
   redis.call('PUBLISH', p .. 'events', 'a|' .. id .. '|' .. group .. '|' .. ARGV[11])
 end
 local evicted = {}

@@ -2,9 +2,12 @@
 
 Layout (P = config.key_prefix):
   P e:<id>            HASH  m: answer JSON, q: embedded query text, g: semantic group,
-                            v: float32 vector blob. Carries the entry's Redis TTL.
+                            v: float32 vector blob; f, c, x: finish ("S"/"L"), completion
+                            tokens, request max_tokens (so the exact lookup can check the
+                            max_tokens rule inside Redis). Carries the entry's Redis TTL.
   P ix                HASH  id -> JSON [tenant, model_version, prompt_version, group]; the
                             registry of live entries (no TTL), so expired ones can be cleaned up
+  P gx                HASH  id -> semantic group, for entries with a vector (index rebuilds)
   P lru:<tenant>      ZSET  id -> logical clock of last store/hit (the tenant's LRU order)
   P mv:<version>      SET   ids by model version;  P pv:<version>  SET  ids by prompt version
   P exp               ZSET  id -> expiry (ms, Redis clock); swept by every replica
@@ -14,7 +17,10 @@ Layout (P = config.key_prefix):
 Every mutation is one Lua script, so the bookkeeping stays consistent and each store, touch or
 removal is one round trip; the scripts publish their own index events. The scripts build key
 names from the prefix, so this layout targets a single Redis (not Redis Cluster). Only e:* keys
-carry TTLs: with maxmemory, use a volatile-* policy so Redis never evicts the bookkeeping.
+carry TTLs: with maxmemory, use a volatile-* policy so Redis never evicts the bookkeeping
+(the bookkeeping of entries it evicts is swept at their expiry time, or when a semantic
+lookup meets them); under noeviction, a full Redis
+refuses stores (dropped, counted) and keeps serving lookups.
 
 Fail-open: every call has a socket timeout (config.redis_timeout_s) and no retries; a failure
 raises StoreUnavailable and opens a breaker that fails calls at once for config.redis_retry_s
@@ -23,7 +29,6 @@ raises StoreUnavailable and opens a breaker that fails calls at once for config.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -72,11 +77,17 @@ class Fetched:
     query_text: str
 
 
-def _script(name: str) -> str:
-    """The shared `lib` section plus the section `name` of scripts.lua."""
+def _script(name: str, allow_oom: bool) -> str:
+    """The shared `lib` section plus the section `name` of scripts.lua, behind a shebang.
+
+    With a shebang Redis checks memory before the script runs: over maxmemory (noeviction),
+    scripts without allow-oom (stores) are refused as a whole, while allow-oom ones run:
+    lookups, whose only write is the LRU touch, and removals, which free memory.
+    """
     pieces = re.split(r"^-- @(\w+)\n", _LUA, flags=re.MULTILINE)
     sections = dict(zip(pieces[1::2], pieces[2::2]))
-    return sections["lib"] + sections[name]
+    shebang = "#!lua flags=allow-oom\n" if allow_oom else "#!lua\n"
+    return shebang + sections["lib"] + sections[name]
 
 
 class RedisStore:
@@ -95,11 +106,11 @@ class RedisStore:
         self._lock = threading.Lock()
         self.available = True
         self._on_error = on_error
-        self._store = self._fast.register_script(_script("store"))
-        self._touch = self._fast.register_script(_script("touch"))
-        self._get = self._fast.register_script(_script("get"))
-        self._remove = self._bulk.register_script(_script("remove_ids"))
-        self._sweep = self._bulk.register_script(_script("sweep"))
+        self._store = self._fast.register_script(_script("store", allow_oom=False))
+        self._touch = self._fast.register_script(_script("touch", allow_oom=True))
+        self._get = self._fast.register_script(_script("get", allow_oom=True))
+        self._remove = self._bulk.register_script(_script("remove_ids", allow_oom=True))
+        self._sweep = self._bulk.register_script(_script("sweep", allow_oom=True))
 
     def _k(self, suffix: str) -> str:
         return self.prefix + suffix
@@ -215,13 +226,13 @@ class RedisStore:
     def semantic_ids(self) -> dict[str, str]:
         """id -> group of every live entry that has a vector (HSCAN, non-blocking)."""
         def op() -> dict[str, str]:
-            out = {}
-            for eid, info in self._bulk.hscan_iter(self._k("ix"), count=1000):
-                group = json.loads(info)[3]
-                if group:
-                    out[eid.decode()] = group
-            return out
+            scan = self._bulk.hscan_iter(self._k("gx"), count=2000)
+            return {eid.decode(): group.decode() for eid, group in scan}
         return self._run("scan", op)
+
+    def semantic_count(self) -> int:
+        """Number of live entries that have a vector."""
+        return int(self._run("count", lambda: self._bulk.hlen(self._k("gx"))))
 
     def vectors(self, entry_ids: list[str], chunk: int = 500) -> Iterator[tuple[str, str, bytes]]:
         """(id, group, float32 blob) of the given entries that still exist."""

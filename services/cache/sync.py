@@ -7,8 +7,10 @@ Redis pub/sub plus periodic reconciliation.
   read) or "d|<id>,...". A subscriber thread applies them; a store on one replica is searchable
   on the others within milliseconds.
 - Pub/sub is at-most-once (events published while a replica is disconnected are lost), so the
-  index is reconciled against the registry `<prefix>ix` at start (the rebuild), after every
-  reconnect of the subscriber or recovery of Redis, and every reconcile_interval_s.
+  index is reconciled against the registry `<prefix>gx` (id -> group) at start (the rebuild)
+  and after every reconnect of the subscriber or recovery of Redis. Every
+  reconcile_interval_s the index size is compared with the registry's (HLEN), and a full
+  reconcile runs when they differ: scanning 100k ids costs ~0.3 s of the process's CPU.
   A Redis stream would replay missed events, but would need trimming and per-replica cursors;
   reconciliation is needed anyway (Redis restarts without persistence lose everything).
 - A maintenance thread probes Redis (PING), sweeps expired entries' bookkeeping (entries
@@ -158,11 +160,20 @@ class IndexSync:
             if now >= next_sweep:
                 next_sweep = now + self._sweep_s
                 self._sweep()
-            if self._need_reconcile.is_set() or now >= next_reconcile:
-                self._need_reconcile.clear()
+            if now >= next_reconcile:
                 next_reconcile = now + self._reconcile_s
+                if self._count_differs():
+                    self._need_reconcile.set()
+            if self._need_reconcile.is_set():
+                self._need_reconcile.clear()
                 if not self.reconcile():
                     self._need_reconcile.set()
+
+    def _count_differs(self) -> bool:
+        try:
+            return self.store.semantic_count() != len(self.index)
+        except Exception:  # noqa: BLE001 - the probe reports the outage
+            return False
 
     def _sweep(self) -> None:
         try:

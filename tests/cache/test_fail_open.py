@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import pytest
+import redis
 
 from services.cache.domain import Policy, ResultKind
 from tests.cache.conftest import answer, chat, wait_for
@@ -82,3 +83,20 @@ def test_redis_down_at_start(private, make_replica):
     assert wait_for(lambda: cache.lookup(Q, DEFAULT).kind == ResultKind.MISS, timeout=5.0)
     assert cache.store_answer(Q, answer(), DEFAULT).stored
     assert cache.lookup(PARA, DEFAULT).kind == ResultKind.SEMANTIC
+
+
+def test_redis_out_of_memory_refuses_stores_but_serves_hits(private, make_replica):
+    server, config = private
+    cache = make_replica(config).cache
+    cache.store_answer(Q, answer("Paris."), DEFAULT)
+    admin = redis.Redis.from_url(server.url)
+    admin.config_set("maxmemory", 1)  # noeviction: every write is refused with OOM
+    try:
+        out = cache.store_answer(chat("new question"), answer(), DEFAULT)
+        assert not out.stored and out.reason == "store unavailable"
+        assert cache.lookup(Q, DEFAULT).kind == ResultKind.EXACT  # no back-off: Redis is up
+        assert cache.lookup(PARA, DEFAULT).kind == ResultKind.SEMANTIC
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert cache.store_answer(chat("new question"), answer(), DEFAULT).stored

@@ -62,3 +62,11 @@ def test_reconcile_repairs_missed_events(config, make_replica):
     a.index.add("ghost", "some-group", b.cache.embedder.embed(["ghost"])[0])  # removed in Redis
     assert a.sync.reconcile()
     assert a.index.ids() == {eid}
+
+
+def test_periodic_check_notices_a_lost_event(config, make_replica):
+    a = make_replica(config, reconcile_interval_s=0.1)
+    eid = a.cache.store_answer(Q, answer(), DEFAULT).entry_id
+    a.index.remove(eid)  # as if the add event had been lost
+    assert wait_for(lambda: eid in a.index, timeout=2.0)
+    assert a.cache.lookup(PARA, DEFAULT).kind == ResultKind.SEMANTIC
