@@ -89,7 +89,9 @@ class AsyncEngine:
                     return
         finally:
             self._queues.pop(request_id, None)
-            if not finished and done.done() and done.exception() is None:
+            if not finished:
+                # Commands run in order, so this abort lands after the add whatever state the add
+                # was in when the caller left (queued, cancelled, done); unknown ids are a no-op.
                 self._commands.put(_Abort(request_id))
 
     def abort(self, request_id: str) -> bool:
@@ -115,6 +117,16 @@ class AsyncEngine:
             logger.exception("engine loop failed")
             self._error = exc
             self._fail_all(exc)
+            self._refuse_forever(exc)
+
+    def _refuse_forever(self, exc: BaseException) -> None:
+        """After a failure, answer every later command so no caller waits on a dead engine."""
+        while True:
+            cmd = self._commands.get()
+            if cmd is _STOP:
+                return
+            if isinstance(cmd, _Add) and cmd.done.set_running_or_notify_cancel():
+                cmd.done.set_exception(EngineDead(f"engine loop died: {exc!r}"))
 
     def _drain(self, block: bool) -> bool:
         """Applies queued commands; returns False on shutdown."""
@@ -128,11 +140,14 @@ class AsyncEngine:
                 self._deliver(self.engine.abort_all())
                 return False
             if isinstance(cmd, _Add):
+                if not cmd.done.set_running_or_notify_cancel():
+                    continue  # the caller left before admission: nothing to add
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params)
-                    cmd.done.set_result(None)
                 except Exception as exc:  # admission errors go back to the caller
                     cmd.done.set_exception(exc)
+                else:
+                    cmd.done.set_result(None)
             elif isinstance(cmd, _Abort):
                 event = self.engine.abort(cmd.request_id)
                 if event is not None:

@@ -136,7 +136,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
             kv_caches=self.kv_caches,
         )
-        plan_decode(meta, bs)
+        plan_decode(meta, bs, self.kv_dtype)
         return (torch.tensor(ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev), meta)
 

@@ -77,11 +77,16 @@ class RotaryEmbedding(nn.Module):
         self.cos = freqs.cos()
         self.sin = freqs.sin()
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the step's positions: ([T, 1, rot/2]) x 2. Done once per forward, shared
+        by every layer."""
+        return (self.cos.index_select(0, positions).unsqueeze(1),
+                self.sin.index_select(0, positions).unsqueeze(1))
+
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D] -> rotated (q, k), same shapes/dtypes."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, rot/2]
-        sin = self.sin[positions].unsqueeze(1)
+        """cos_sin from `lookup`; q: [T, Hq, D]; k: [T, Hkv, D] -> rotated (q, k)."""
+        cos, sin = cos_sin
         return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
 
 
