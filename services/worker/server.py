@@ -82,12 +82,17 @@ class WorkerServer:
         return self.port
 
     async def load(self) -> None:
-        torch.set_num_threads(self.config.threads)
         start = time.perf_counter()
-        # Loading is seconds of CPU work; keep the event loop answering health checks meanwhile.
-        engine = await asyncio.to_thread(build_engine, self.config)
-        aengine = AsyncEngine(engine)
+
+        def build() -> LLMEngine:
+            torch.set_num_threads(self.config.threads)
+            return build_engine(self.config)
+
+        # The engine thread loads the model itself (see AsyncEngine); the event loop keeps
+        # answering health checks meanwhile.
+        aengine = AsyncEngine(build)
         aengine.start()
+        engine = await aengine.wait_ready()
         self.servicer.attach(aengine)
         await self._set_health(True)
         logger.info("worker %s serving %s on port %d (ready in %.1f s)", self.config.worker_id,

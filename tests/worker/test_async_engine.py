@@ -37,8 +37,9 @@ async def _consume(aengine, rid, stop_after=None):
 def test_cancel_at_any_point_keeps_the_engine_alive(loaded):
     """Tasks cancelled before, during and after admission: no lost abort, no dead loop."""
     async def main():
-        aengine = AsyncEngine(_engine(loaded))
+        aengine = AsyncEngine(lambda: _engine(loaded))
         aengine.start()
+        await aengine.wait_ready()
         for i in range(60):
             task = asyncio.create_task(_consume(aengine, f"c{i}"))
             for _ in range(i % 4):  # cancel after 0..3 loop turns: queued, adding, running
@@ -58,9 +59,9 @@ def test_cancel_at_any_point_keeps_the_engine_alive(loaded):
 
 def test_a_failed_step_fails_streams_and_later_requests(loaded, monkeypatch):
     async def main():
-        engine = _engine(loaded)
-        aengine = AsyncEngine(engine)
+        aengine = AsyncEngine(lambda: _engine(loaded))
         aengine.start()
+        engine = await aengine.wait_ready()
 
         def broken_step():
             raise RuntimeError("simulated kernel failure")

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 from .engine import LLMEngine
 from .errors import EngineDead
@@ -41,10 +41,17 @@ _STOP = object()
 
 
 class AsyncEngine:
-    """Async front of an LLMEngine; call `start()` from the event loop that will consume it."""
+    """Async front of an LLMEngine; call `start()` from the event loop that will consume it.
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    The engine is built by `factory` on the engine thread itself: on this CPU, steps run ~35%
+    slower on a thread other than the one that loaded (and oneDNN-packed) the weights
+    (measured: 55 ms vs 74 ms per batch-1 step).
+    """
+
+    def __init__(self, factory: Callable[[], LLMEngine]) -> None:
+        self._factory = factory
+        self.engine: LLMEngine | None = None
+        self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -56,6 +63,10 @@ class AsyncEngine:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._thread.start()
+
+    async def wait_ready(self) -> LLMEngine:
+        """The built engine, once the engine thread has made it (re-raises a build failure)."""
+        return await asyncio.wrap_future(self._ready)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self._commands.put(_STOP)
@@ -104,6 +115,12 @@ class AsyncEngine:
     # -- engine thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+        except BaseException as exc:  # e.g. a model that fails to load
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(self.engine)
         try:
             while True:
                 if not self._drain(block=not self.engine.has_unfinished):
