@@ -58,7 +58,6 @@ class WorkerServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
@@ -97,7 +96,6 @@ class WorkerServer:
         await self._set_health(True)
         logger.info("worker %s serving %s on port %d (ready in %.1f s)", self.config.worker_id,
                     engine.loaded.model_id, self.port, time.perf_counter() - start)
-        self.ready.set()
 
     async def drain_and_stop(self) -> None:
         """Stops taking requests, lets in-flight ones finish up to the drain timeout, exits."""

@@ -57,8 +57,6 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._error: BaseException | None = None
-        self.idle = threading.Event()  # set while the engine has nothing in flight
-        self.idle.set()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -126,10 +124,7 @@ class AsyncEngine:
                 if not self._drain(block=not self.engine.has_unfinished):
                     return
                 if self.engine.has_unfinished:
-                    self.idle.clear()
                     self._deliver(self.engine.step())
-                if not self.engine.has_unfinished:
-                    self.idle.set()
         except BaseException as exc:  # a bug or OOM in a step: fail every stream, stay dead
             logger.exception("engine loop failed")
             self._error = exc
