@@ -11,6 +11,11 @@ STAMP=$VENV/.switchyard-setup
 # Re-install only when the dependency spec changed.
 WANT=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# Two set-ups at once (say up.sh and test.sh) must not pip-install into one venv together.
+mkdir -p "$VENV"
+exec 9>"$VENV/.setup.lock"
+flock 9
+
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] creating $VENV with $($PY --version)"
   "$PY" -m venv "$VENV"
@@ -22,8 +27,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "[setup] installing redis-server"
+# redis-server for the cache; a C compiler for the worker's native CPU kernels
+# (services/worker/native, built on first use; without one, decode attention falls back to torch).
+MISSING=()
+command -v redis-server >/dev/null 2>&1 || MISSING+=(redis-server)
+command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || MISSING+=(gcc libc6-dev)
+if [ ${#MISSING[@]} -gt 0 ]; then
+  echo "[setup] installing ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q redis-server
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q "${MISSING[@]}"
 fi

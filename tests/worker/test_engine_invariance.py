@@ -41,12 +41,13 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def _run(loaded, prompts, max_tokens, *, num_blocks, max_batched, max_seqs, prefix_caching):
+def _run(loaded, prompts, max_tokens, *, num_blocks, max_batched, max_seqs, prefix_caching,
+         backend=None):
     engine = LLMEngine(
         loaded, CacheConfig(block_size=16, num_blocks=num_blocks,
                             enable_prefix_caching=prefix_caching),
         SchedulerConfig(max_model_len=1024, max_num_seqs=max_seqs,
-                        max_num_batched_tokens=max_batched))
+                        max_num_batched_tokens=max_batched), attention_backend=backend)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, ignore_eos=True)
     results: dict[str, tuple[list[int], list]] = {}
     for i, p in enumerate(prompts):
@@ -60,11 +61,11 @@ def _run(loaded, prompts, max_tokens, *, num_blocks, max_batched, max_seqs, pref
     return results, engine
 
 
-def _solo(loaded, prompts, max_tokens):
+def _solo(loaded, prompts, max_tokens, backend=None):
     out = {}
     for i, p in enumerate(prompts):
         res, _ = _run(loaded, [p], max_tokens, num_blocks=64, max_batched=2048, max_seqs=1,
-                      prefix_caching=False)
+                      prefix_caching=False, backend=backend)
         out[str(i)] = res["0"]
     return out
 
@@ -81,13 +82,14 @@ def _matches(a, b) -> tuple[bool, bool]:
     return True, True
 
 
-def _check_invariance(loaded, n=32, max_tokens=16):
+def _check_invariance(loaded, n=32, max_tokens=16, solo_backend=None, loaded_backend=None):
     prompts = _prompts(loaded.tokenizer, n)
     assert max(len(p) for p in prompts) > 40  # some prompts are split into prefill chunks
-    solo = _solo(loaded, prompts, max_tokens)
+    solo = _solo(loaded, prompts, max_tokens, solo_backend)
     # A pool far smaller than the batch needs forces preemption; 40-token steps chunk prefills.
     loaded_run, engine = _run(loaded, prompts, max_tokens, num_blocks=40, max_batched=40,
-                              max_seqs=32, prefix_caching=True)
+                              max_seqs=32, prefix_caching=True, backend=loaded_backend)
+    assert engine.runner.attention_backend == (loaded_backend or "cpu")
     assert engine.stats.preemptions > 0
     assert engine.block_manager.stats.num_hits > 0  # shared system prompts hit the prefix cache
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
@@ -100,9 +102,11 @@ def _check_invariance(loaded, n=32, max_tokens=16):
     return identical
 
 
-def test_batch_invariance_tiny(tiny_model_dir):
+@pytest.mark.parametrize("solo_backend,loaded_backend", [("torch", "torch"), ("torch", "cpu")])
+def test_batch_invariance_tiny(tiny_model_dir, solo_backend, loaded_backend):
+    """Under load with either backend, outputs match solo runs of the pure-torch backend."""
     loaded = load_model(tiny_model_dir)
-    _check_invariance(loaded)
+    _check_invariance(loaded, solo_backend=solo_backend, loaded_backend=loaded_backend)
 
 
 @pytest.mark.slow

@@ -41,10 +41,11 @@ class LLMEngine:
 
     def __init__(self, loaded: LoadedModel, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 attention_backend: str | None = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded, cache_config)
+        self.runner = ModelRunner(loaded, cache_config, attention_backend=attention_backend)
         self.block_manager = BlockManager(self.runner.num_blocks, cache_config.block_size,
                                           cache_config.enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.model.attention import AttentionMetadata, forward_context, plan_decode
+from services.worker.model import cpu_attention  # noqa: F401  (registers the "cpu" backend)
+from services.worker.model.attention import (AttentionMetadata, forward_context, get_backend,
+                                             plan_decode, select_backend)
 from services.worker.model.loader import LoadedModel
 
 from . import sampler
@@ -79,7 +81,9 @@ class ModelRunner:
     """Runs scheduled steps on one device."""
 
     def __init__(self, loaded: LoadedModel, cache_config: CacheConfig,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None,
+                 attention_backend: str | None = None) -> None:
+        """attention_backend: a registered backend name; None picks the best for the device."""
         self.model = loaded.model
         self.config = loaded.config
         self.device = next(self.model.parameters()).device
@@ -94,6 +98,9 @@ class ModelRunner:
         self.kv_caches = list(self._kv.unbind(0))
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
                     self.block_size, self.num_blocks * per_block / 2**20)
+        self.attention_backend = attention_backend or select_backend(self.device, self.kv_dtype)
+        self._attention = get_backend(self.attention_backend)
+        logger.info("attention backend: %s", self.attention_backend)
         self._generators: dict[str, torch.Generator] = {}
 
     def release(self, request_ids) -> None:
@@ -135,6 +142,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
             kv_caches=self.kv_caches,
+            backend=self._attention,
         )
         plan_decode(meta, bs, self.kv_dtype)
         return (torch.tensor(ids, dtype=torch.int64, device=dev),

@@ -4,8 +4,9 @@ The runner describes the step in an `AttentionMetadata` (which tokens belong to 
 where their K/V go in the paged cache, which blocks each sequence reads) and installs it with
 `forward_context(...)` around the model call. Models never see block tables.
 
-Backends come from a registry keyed by name ("torch" here; the Triton backend registers itself on
-CUDA). Without a KV cache (no metadata's `kv_caches`), attention is plain causal attention over
+Backends come from a registry keyed by name ("torch" here; "cpu" in cpu_attention.py adds a
+native decode kernel; the Triton backend registers itself for CUDA); the runner picks one with
+`select_backend` and passes it in the metadata. Without a KV cache (no metadata's `kv_caches`), attention is plain causal attention over
 the step's own tokens, which is what the reference checks and one-shot scoring use.
 """
 
@@ -30,6 +31,7 @@ class AttentionMetadata:
         None when the step runs without a KV cache.
     block_tables: [B, max_blocks] int64; block ids of each sequence, padded with 0 past its end.
     kv_caches: per layer, a [2, num_blocks, block_size, Hkv, D] tensor (K then V), or None.
+    backend: how attention runs this step (chosen by the runner); None means "torch".
     """
 
     query_start_loc: list[int]
@@ -37,9 +39,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     kv_caches: list[torch.Tensor] | None = None
+    backend: "AttentionBackend | None" = None
 
-    decode: "list[DecodeBatch] | None" = None
-    """Set by `plan_decode`: the step's single-token rows, batched in a few attention calls."""
+    decode_rows: "DecodeRows | None" = None
+    """Set by `plan_decode`: the step's single-token rows, for one batched attention call."""
+    decode_groups: "list[DecodeBatch] | None" = None
+    """The same rows cut into length buckets; built on first use by the torch backend."""
 
     @property
     def num_seqs(self) -> int:
@@ -55,10 +60,26 @@ class AttentionMetadata:
 
 
 @dataclass
+class DecodeRows:
+    """The step's single-token rows (a decode each), computed once per step, not per layer.
+
+    Bd = rows. seq_idx: host list of their sequence indices; token_idx: [Bd] int64 their rows in
+    the flat batch; block_tables: [Bd, max_blocks] int64; seq_lens: [Bd] int64.
+    """
+
+    seq_idx: list[int]
+    token_idx: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    block_size: int
+    mask_dtype: torch.dtype
+
+
+@dataclass
 class DecodeBatch:
     """Single-token rows of a step with similar context lengths, padded to the longest of them.
 
-    Computed once per step (not per layer). Bd = rows, NB = blocks of the longest row.
+    Bd = rows, NB = blocks of the longest row.
     seq_idx: host list of their sequence indices; token_idx: [Bd] their rows in the flat batch;
     flat_blocks: [Bd * NB] block ids (padding repeats block 0, masked out);
     mask: [Bd, 1, 1, NB * block_size] float, 0 inside the context and -inf past it (additive:
@@ -78,36 +99,54 @@ MIN_DECODE_GROUP = 8
 
 def plan_decode(meta: AttentionMetadata, block_size: int,
                 dtype: torch.dtype = torch.float32) -> None:
-    """Fills `meta.decode` with the step's single-token rows in groups of similar length.
-
-    Padding every row to the longest context wastes gather and attention work in proportion to
-    the length spread; rows sorted by length and cut into up to 4 groups (of 8+ rows) cost
-    ~25% less per layer on the decode-heavy workload (measured with mixed 250-490 contexts).
-    """
+    """Fills `meta.decode_rows` when the step has single-token rows and a KV cache."""
     qsl = meta.query_start_loc
     rows = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
-    if len(rows) < 2 or meta.block_tables is None:
+    if not rows or meta.block_tables is None:
         return
-    rows.sort(key=lambda i: meta.seq_lens[i])
-    num_groups = max(1, min(MAX_DECODE_GROUPS, len(rows) // MIN_DECODE_GROUP))
-    size = -(-len(rows) // num_groups)
-    meta.decode = [_decode_group(meta, rows[g:g + size], block_size, dtype)
-                   for g in range(0, len(rows), size)]
-
-
-def _decode_group(meta: AttentionMetadata, rows: list[int], block_size: int,
-                  dtype: torch.dtype) -> DecodeBatch:
     dev = meta.block_tables.device
-    lens = torch.tensor([meta.seq_lens[i] for i in rows], device=dev)
-    nb = (max(meta.seq_lens[i] for i in rows) + block_size - 1) // block_size
     idx = torch.tensor(rows, device=dev)
-    flat = meta.block_tables.index_select(0, idx)[:, :nb].reshape(-1)
-    positions = torch.arange(nb * block_size, device=dev)
+    meta.decode_rows = DecodeRows(
+        seq_idx=rows,
+        token_idx=torch.tensor([qsl[i] for i in rows], device=dev),
+        block_tables=meta.block_tables.index_select(0, idx),
+        seq_lens=torch.tensor([meta.seq_lens[i] for i in rows], device=dev),
+        block_size=block_size,
+        mask_dtype=dtype,
+    )
+
+
+def decode_groups(meta: AttentionMetadata) -> list[DecodeBatch]:
+    """The decode rows sorted by length and cut into up to 4 groups (of 8+ rows), built once.
+
+    Padding every row to the longest context wastes gather and attention work in proportion to
+    the length spread; the groups cost ~25% less per layer on the decode-heavy workload
+    (measured with mixed 250-490 contexts).
+    """
+    if meta.decode_groups is None:
+        dr = meta.decode_rows
+        order = sorted(range(len(dr.seq_idx)), key=lambda j: meta.seq_lens[dr.seq_idx[j]])
+        num_groups = max(1, min(MAX_DECODE_GROUPS, len(order) // MIN_DECODE_GROUP))
+        size = -(-len(order) // num_groups)
+        meta.decode_groups = [_decode_group(meta, order[g:g + size])
+                              for g in range(0, len(order), size)]
+    return meta.decode_groups
+
+
+def _decode_group(meta: AttentionMetadata, members: list[int]) -> DecodeBatch:
+    """members: positions within `meta.decode_rows`."""
+    dr = meta.decode_rows
+    dev = dr.token_idx.device
+    sel = torch.tensor(members, device=dev)
+    lens = dr.seq_lens.index_select(0, sel)
+    nb = -(-int(lens.max()) // dr.block_size)
+    flat = dr.block_tables.index_select(0, sel)[:, :nb].reshape(-1)
+    positions = torch.arange(nb * dr.block_size, device=dev)
     outside = positions.unsqueeze(0) >= lens.unsqueeze(1)
-    mask = torch.zeros(outside.shape, dtype=dtype, device=dev).masked_fill_(outside, float("-inf"))
-    mask = mask[:, None, None, :]
-    token_idx = torch.tensor([meta.query_start_loc[i] for i in rows], device=dev)
-    return DecodeBatch(rows, token_idx, flat, nb, mask)
+    mask = torch.zeros(outside.shape, dtype=dr.mask_dtype, device=dev)
+    mask = mask.masked_fill_(outside, float("-inf"))[:, None, None, :]
+    return DecodeBatch([dr.seq_idx[j] for j in members], dr.token_idx.index_select(0, sel),
+                       flat, nb, mask)
 
 
 _context: AttentionMetadata | None = None
@@ -139,12 +178,22 @@ class AttentionBackend(Protocol):
         ...
 
 
-BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
+@dataclass(frozen=True)
+class BackendEntry:
+    factory: Callable[[], AttentionBackend]
+    supports: Callable[[torch.device, torch.dtype], bool]
+    priority: int
+    """`select_backend` prefers higher priorities among the backends that support a setup."""
 
 
-def register_backend(name: str) -> Callable:
+BACKENDS: dict[str, BackendEntry] = {}
+
+
+def register_backend(name: str, *, priority: int = 0,
+                     supports: Callable[[torch.device, torch.dtype], bool] = lambda d, t: True
+                     ) -> Callable:
     def wrap(factory: Callable[[], AttentionBackend]) -> Callable[[], AttentionBackend]:
-        BACKENDS[name] = factory
+        BACKENDS[name] = BackendEntry(factory, supports, priority)
         return factory
     return wrap
 
@@ -152,7 +201,15 @@ def register_backend(name: str) -> Callable:
 def get_backend(name: str) -> AttentionBackend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; registered: {sorted(BACKENDS)}")
-    return BACKENDS[name]()
+    return BACKENDS[name].factory()
+
+
+def select_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Name of the highest-priority registered backend that supports this device and dtype."""
+    usable = [(e.priority, n) for n, e in BACKENDS.items() if e.supports(device, dtype)]
+    if not usable:
+        raise ValueError(f"no attention backend supports {device} / {dtype}")
+    return max(usable)[1]
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -221,7 +278,14 @@ def _batched_decode(q: torch.Tensor, kv_cache: torch.Tensor, db: DecodeBatch,
 
 @register_backend("torch")
 class TorchAttention:
-    """Reference backend: per-sequence SDPA over K/V gathered from the paged cache."""
+    """Reference backend: SDPA over K/V gathered from the paged cache; decode rows batched in a
+    few length-bucketed calls, other sequences (prefill chunks) one call each."""
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, out: torch.Tensor) -> None:
+        """Writes the attention of every decode row of `meta.decode_rows` into `out`."""
+        for db in decode_groups(meta):
+            out.index_copy_(0, db.token_idx, _batched_decode(q, kv_cache, db, scale))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
@@ -229,10 +293,9 @@ class TorchAttention:
             write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         batched: set[int] = set()
-        if kv_cache is not None and meta.decode is not None:
-            for db in meta.decode:
-                out.index_copy_(0, db.token_idx, _batched_decode(q, kv_cache, db, scale))
-                batched.update(db.seq_idx)
+        if kv_cache is not None and meta.decode_rows is not None:
+            self.decode(q, kv_cache, meta, scale, out)
+            batched.update(meta.decode_rows.seq_idx)
         qsl = meta.query_start_loc
         for i, seq_len in enumerate(meta.seq_lens):
             if i in batched:
@@ -255,10 +318,11 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
         self.scale = head_dim ** -0.5
+        # Used when the step's metadata names no backend (reference checks, scoring).
         self.backend = backend or get_backend("torch")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]."""
         meta = get_forward_context()
         cache = meta.kv_caches[self.layer_idx] if meta.kv_caches is not None else None
-        return self.backend(q, k, v, self.scale, cache, meta)
+        return (meta.backend or self.backend)(q, k, v, self.scale, cache, meta)

@@ -1,0 +1,34 @@
+"""The "cpu" attention backend: the torch backend with decode rows served by a native kernel.
+
+Decode attention is memory-bound: each step reads every running sequence's K/V once per layer.
+The torch path gathers those K/V into a contiguous copy (index_select) and runs SDPA over it, so
+each byte crosses memory three times; `services/worker/native/paged_attention.c` reads the blocks
+in place through the block table. Prefill chunks keep the torch path (they are compute-bound and
+SDPA's flash kernel serves them well). Float32 only; `select_backend` picks this backend on CPU
+when the kernel builds here, else "torch".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.worker.native import paged_attention as native
+
+from .attention import AttentionMetadata, TorchAttention, register_backend
+
+
+def _supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and native.available()
+
+
+@register_backend("cpu", priority=10, supports=_supports)
+class CpuAttention(TorchAttention):
+    """TorchAttention whose decode rows run in one native paged-attention call per layer."""
+
+    def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, out: torch.Tensor) -> None:
+        dr = meta.decode_rows
+        qd = q.index_select(0, dr.token_idx)  # [Bd, Hq, D], contiguous
+        res = native.paged_decode_attention(qd, kv_cache[0], kv_cache[1], dr.block_tables,
+                                            dr.seq_lens, scale)
+        out.index_copy_(0, dr.token_idx, res)

@@ -1,0 +1,237 @@
+/* Paged decode attention for float32 on CPU: one query token per sequence, K/V read straight
+ * from the paged cache through the block table (no gather into a contiguous copy).
+ *
+ * Why native: the torch path copies every sequence's K/V out of the pool (index_select) and then
+ * runs SDPA over the copy, i.e. each KV byte crosses memory three times per layer and step. Here
+ * each byte is read once. Built and loaded by paged_attention.py (ctypes); the torch path
+ * (attention.py) is the reference it is tested against.
+ *
+ * Layouts (all contiguous, row-major):
+ *   q           [B, Hq, D]
+ *   k_cache     [NB, BS, Hkv, D]   (one layer's K half of the pool; v_cache likewise)
+ *   block_table [B, max_blocks]    int64 block ids
+ *   seq_lens    [B]                int64 context length (tokens to attend to, the new one included)
+ *   out         [B, Hq, D]
+ * The G = Hq / Hkv query heads of a KV head are consecutive (head h reads KV head h / G).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_GROUP 16   /* query heads per KV head */
+#define MAX_DIM 256    /* head_dim */
+#define MAX_BLOCK 64   /* tokens per block */
+
+/* Running max starts here instead of -inf: the library is built with -ffast-math (finite math),
+ * which vectorizes exp via libmvec; exp(NEG_BIG - x) underflows to 0 exactly like exp(-inf). */
+#define NEG_BIG (-1e30f)
+
+/* Portable path: any head_dim / block_size within the limits. */
+static void decode_scalar(float *out, const float *q, const float *k_cache,
+                               const float *v_cache, const int64_t *block_table,
+                               const int64_t *seq_lens, int64_t num_seqs, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                               int64_t max_blocks, float scale, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t token_stride = num_kv_heads * head_dim;      /* floats between tokens */
+    const int64_t block_stride = block_size * token_stride;    /* floats between blocks */
+    const int64_t work = num_seqs * num_kv_heads;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t item = 0; item < work; item++) {
+        const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+        const int64_t len = seq_lens[b];
+        const float *qh = q + (b * num_heads + h * group) * head_dim;  /* [G, D] */
+        float acc[MAX_GROUP][MAX_DIM];
+        float qs[MAX_GROUP][MAX_DIM];
+        float s[MAX_GROUP][MAX_BLOCK];  /* this block's scores, then probabilities */
+        float m[MAX_GROUP], l[MAX_GROUP];
+        for (int64_t g = 0; g < group; g++) {
+            m[g] = NEG_BIG;
+            l[g] = 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) {
+                acc[g][d] = 0.0f;
+                qs[g][d] = qh[g * head_dim + d] * scale;
+            }
+        }
+        for (int64_t start = 0; start < len; start += block_size) {
+            const int64_t n = len - start < block_size ? len - start : block_size;
+            const int64_t blk = block_table[b * max_blocks + start / block_size];
+            const float *kb = k_cache + blk * block_stride + h * head_dim;
+            const float *vb = v_cache + blk * block_stride + h * head_dim;
+            /* scores: each K row is loaded once and dotted with the G queries */
+            for (int64_t t = 0; t < n; t++) {
+                const float *kt = kb + t * token_stride;
+                for (int64_t g = 0; g < group; g++) {
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < head_dim; d++) dot += qs[g][d] * kt[d];
+                    s[g][t] = dot;
+                }
+            }
+            /* online softmax: rescale what came before by exp(m_old - m_new) */
+            for (int64_t g = 0; g < group; g++) {
+                float bmax = m[g];
+                for (int64_t t = 0; t < n; t++) bmax = s[g][t] > bmax ? s[g][t] : bmax;
+                const float correction = expf(m[g] - bmax);
+                float sum = 0.0f;
+                for (int64_t t = 0; t < n; t++) {
+                    s[g][t] = expf(s[g][t] - bmax);
+                    sum += s[g][t];
+                }
+                l[g] = l[g] * correction + sum;
+                m[g] = bmax;
+                for (int64_t d = 0; d < head_dim; d++) acc[g][d] *= correction;
+            }
+            /* weighted values: each V row is loaded once for the G queries */
+            for (int64_t t = 0; t < n; t++) {
+                const float *vt = vb + t * token_stride;
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = s[g][t];
+                    for (int64_t d = 0; d < head_dim; d++) acc[g][d] += p * vt[d];
+                }
+            }
+        }
+        float *oh = out + (b * num_heads + h * group) * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) oh[g * head_dim + d] = acc[g][d] * inv;
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* [sum(v0), ..., sum(v7)]: eight horizontal sums with six hadds and a lane swap. */
+static inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5,
+                           __m256 v6, __m256 v7) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+    /* u0 = [v0..v3 low-half sums | v0..v3 high-half sums]; likewise u1 for v4..v7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* AVX2 path for head_dim % 32 == 0 and block_size % 8 == 0. Scores are computed for whole
+ * blocks; those of rows past the sequence end (stale or zero memory) are overwritten with
+ * NEG_BIG before the softmax, and the value sum stops at the sequence end, so stale rows never
+ * reach the output, whatever they hold. */
+static void decode_avx2(float *out, const float *q, const float *k_cache, const float *v_cache,
+                        const int64_t *block_table, const int64_t *seq_lens, int64_t num_seqs,
+                        int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                        int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t token_stride = num_kv_heads * head_dim;
+    const int64_t block_stride = block_size * token_stride;
+    const int64_t work = num_seqs * num_kv_heads;
+    const int64_t dv = head_dim / 8;  /* vectors per row */
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t item = 0; item < work; item++) {
+        const int64_t b = item / num_kv_heads, h = item % num_kv_heads;
+        const int64_t len = seq_lens[b];
+        const float *qh = q + (b * num_heads + h * group) * head_dim;
+        float qs[MAX_GROUP][MAX_DIM] __attribute__((aligned(32)));
+        float acc[MAX_GROUP][MAX_DIM] __attribute__((aligned(32)));
+        float s[MAX_GROUP][MAX_BLOCK] __attribute__((aligned(32)));
+        float m[MAX_GROUP], l[MAX_GROUP];
+        for (int64_t g = 0; g < group; g++) {
+            m[g] = NEG_BIG;
+            l[g] = 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) {
+                qs[g][d] = qh[g * head_dim + d] * scale;
+                acc[g][d] = 0.0f;
+            }
+        }
+        for (int64_t start = 0; start < len; start += block_size) {
+            const int64_t n = len - start < block_size ? len - start : block_size;
+            const int64_t blk = block_table[b * max_blocks + start / block_size];
+            const float *kb = k_cache + blk * block_stride + h * head_dim;
+            const float *vb = v_cache + blk * block_stride + h * head_dim;
+            /* scores, 8 tokens at a time: 8 independent FMA chains, then one 8-way reduction */
+            for (int64_t g = 0; g < group; g++) {
+                for (int64_t t0 = 0; t0 < block_size; t0 += 8) {
+                    __m256 a[8];
+                    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+                    for (int64_t c = 0; c < dv; c++) {
+                        const __m256 qv = _mm256_load_ps(&qs[g][c * 8]);
+                        for (int j = 0; j < 8; j++)
+                            a[j] = _mm256_fmadd_ps(
+                                qv, _mm256_loadu_ps(kb + (t0 + j) * token_stride + c * 8), a[j]);
+                    }
+                    _mm256_store_ps(&s[g][t0], hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+                }
+                for (int64_t t = n; t < block_size; t++) s[g][t] = NEG_BIG;
+            }
+            /* online softmax (the compiler vectorizes exp through libmvec) */
+            for (int64_t g = 0; g < group; g++) {
+                float bmax = m[g];
+                for (int64_t t = 0; t < block_size; t++) bmax = s[g][t] > bmax ? s[g][t] : bmax;
+                const float correction = expf(m[g] - bmax);
+                float sum = 0.0f;
+                for (int64_t t = 0; t < block_size; t++) {
+                    s[g][t] = expf(s[g][t] - bmax);
+                    sum += s[g][t];
+                }
+                l[g] = l[g] * correction + sum;
+                m[g] = bmax;
+                const __m256 cv = _mm256_set1_ps(correction);
+                /* acc = acc * correction + sum_t p_t v_t, 32 dims (4 registers) at a time */
+                for (int64_t c = 0; c < dv; c += 4) {
+                    __m256 r0 = _mm256_mul_ps(_mm256_load_ps(&acc[g][c * 8]), cv);
+                    __m256 r1 = _mm256_mul_ps(_mm256_load_ps(&acc[g][c * 8 + 8]), cv);
+                    __m256 r2 = _mm256_mul_ps(_mm256_load_ps(&acc[g][c * 8 + 16]), cv);
+                    __m256 r3 = _mm256_mul_ps(_mm256_load_ps(&acc[g][c * 8 + 24]), cv);
+                    for (int64_t t = 0; t < n; t++) {
+                        const float *vt = vb + t * token_stride + c * 8;
+                        const __m256 p = _mm256_set1_ps(s[g][t]);
+                        r0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt), r0);
+                        r1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8), r1);
+                        r2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 16), r2);
+                        r3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 24), r3);
+                    }
+                    _mm256_store_ps(&acc[g][c * 8], r0);
+                    _mm256_store_ps(&acc[g][c * 8 + 8], r1);
+                    _mm256_store_ps(&acc[g][c * 8 + 16], r2);
+                    _mm256_store_ps(&acc[g][c * 8 + 24], r3);
+                }
+            }
+        }
+        float *oh = out + (b * num_heads + h * group) * head_dim;
+        for (int64_t g = 0; g < group; g++) {
+            const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) oh[g * head_dim + d] = acc[g][d] * inv;
+        }
+    }
+}
+#endif
+
+/* Returns 0 on success, nonzero when a size exceeds the static scratch limits above. */
+int paged_decode_attention_f32(float *out, const float *q, const float *k_cache,
+                               const float *v_cache, const int64_t *block_table,
+                               const int64_t *seq_lens, int64_t num_seqs, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                               int64_t max_blocks, float scale, int num_threads) {
+    if (num_heads / num_kv_heads > MAX_GROUP || head_dim > MAX_DIM || block_size > MAX_BLOCK)
+        return 1;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (head_dim % 32 == 0 && block_size % 8 == 0) {
+        decode_avx2(out, q, k_cache, v_cache, block_table, seq_lens, num_seqs, num_heads,
+                    num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
+        return 0;
+    }
+#endif
+    decode_scalar(out, q, k_cache, v_cache, block_table, seq_lens, num_seqs, num_heads,
+                  num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
+    return 0;
+}
+
+/* Which path serves a shape (for tests): 1 = AVX2, 0 = portable. */
+int paged_decode_attention_uses_avx2(int64_t head_dim, int64_t block_size) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return head_dim % 32 == 0 && block_size % 8 == 0;
+#else
+    (void)head_dim; (void)block_size;
+    return 0;
+#endif
+}
