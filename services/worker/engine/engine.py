@@ -85,7 +85,11 @@ class LLMEngine:
         so = self.scheduler.schedule()
         now = self.clock()
         for s in so.scheduled:
-            self._streams[s.request_id].mark_scheduled(now)
+            self._streams[s.request_id].mark_scheduled(
+                s.start_position, s.num_new_tokens, s.request.num_tokens, now)
+        for rid in so.preempted_request_ids:
+            request = self.scheduler.get_request(rid)
+            self._streams[rid].mark_preempted(request.max_num_computed_tokens, now)
         model_output = self.runner.execute(so)
         outputs = self.scheduler.update_from_output(so, model_output)
         self._count(so, model_output)

@@ -8,6 +8,7 @@ matched stop string finishes the request before the next step computes another t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.worker.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -27,6 +28,26 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class EngineEvent:
+    """A moment in a request's life inside the engine (for traces). `time` is the engine clock
+    (seconds, monotonic); names are the EVENT_* constants below."""
+
+    name: str
+    time: float
+    attributes: Mapping[str, int | str] = field(default_factory=dict)
+
+
+EVENT_QUEUED = "queued"
+EVENT_SCHEDULED = "scheduled"  # first scheduled; cached_tokens = prompt tokens from the prefix cache
+EVENT_PREFILL_CHUNK = "prefill_chunk"  # start, tokens
+EVENT_FIRST_TOKEN = "first_token"
+EVENT_PREEMPTED = "preempted"  # computed_tokens whose KV was dropped
+EVENT_RESUMED = "resumed"  # prefix_hit_tokens, recomputed_tokens
+EVENT_FINISHED = "finished"  # finish_status
+EVENT_ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
 class Completion:
     """The end of a request's stream."""
 
@@ -36,6 +57,8 @@ class Completion:
     completion_tokens: int
     cached_prompt_tokens: int
     timings: Timings
+    events: tuple[EngineEvent, ...] = ()
+    num_preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,16 +98,37 @@ class RequestStream:
     num_output_tokens: int = 0
     cached_prompt_tokens: int = 0
     stopped_by: str | None = field(default=None)  # the stop string that matched
+    events: list[EngineEvent] = field(default_factory=list)
+    num_preemptions: int = 0
+    lost_tokens: int = 0  # computed tokens dropped by the last preemption (0: not preempted)
 
     @classmethod
     def create(cls, tokenizer: Tokenizer, request_id: str, stops: tuple[str, ...],
                prompt_tokens: int, arrival: float) -> "RequestStream":
-        return cls(request_id, IncrementalDetokenizer(tokenizer, skip_special_tokens=True),
-                   tuple(stops), prompt_tokens, arrival)
+        stream = cls(request_id, IncrementalDetokenizer(tokenizer, skip_special_tokens=True),
+                     tuple(stops), prompt_tokens, arrival)
+        stream.events.append(EngineEvent(EVENT_QUEUED, arrival, {"prompt_tokens": prompt_tokens}))
+        return stream
 
-    def mark_scheduled(self, now: float) -> None:
+    def mark_scheduled(self, start: int, num_new: int, num_tokens: int, now: float) -> None:
+        """The request got `num_new` tokens from `start` in a step; it knows `num_tokens`."""
         if self.first_scheduled is None:
             self.first_scheduled = now
+            self.events.append(EngineEvent(EVENT_SCHEDULED, now, {"cached_tokens": start}))
+        elif self.lost_tokens:
+            self.events.append(EngineEvent(EVENT_RESUMED, now, {
+                "prefix_hit_tokens": start,
+                "recomputed_tokens": max(0, self.lost_tokens - start)}))
+            self.lost_tokens = 0
+        if start + num_new < num_tokens or num_new > 1:  # not a plain decode step
+            self.events.append(EngineEvent(EVENT_PREFILL_CHUNK, now,
+                                           {"start": start, "tokens": num_new}))
+
+    def mark_preempted(self, computed_tokens: int, now: float) -> None:
+        """The scheduler dropped the request's KV (`computed_tokens` of it) to free blocks."""
+        self.num_preemptions += 1
+        self.lost_tokens = max(self.lost_tokens, computed_tokens)
+        self.events.append(EngineEvent(EVENT_PREEMPTED, now, {"computed_tokens": computed_tokens}))
 
     def process(self, out: RequestOutput, now: float) -> StreamEvent:
         """Consumes one step's output. The event carries a completion when the request ended:
@@ -92,6 +136,7 @@ class RequestStream:
         case the caller must also finish the request in the scheduler."""
         if out.new_token_ids and self.first_token is None:
             self.first_token = now
+            self.events.append(EngineEvent(EVENT_FIRST_TOKEN, now))
         self.num_output_tokens += len(out.new_token_ids)
         self.cached_prompt_tokens = out.num_cached_tokens or 0
         for tok in out.new_token_ids:
@@ -137,6 +182,11 @@ class RequestStream:
         def ms(a: float | None, b: float | None) -> float:
             return max(0.0, (b - a) * 1000.0) if a is not None and b is not None else 0.0
 
+        if status is RequestStatus.FINISHED_ABORTED:
+            self.events.append(EngineEvent(EVENT_ABORTED, now,
+                                           {"generated_tokens": self.num_output_tokens}))
+        else:
+            self.events.append(EngineEvent(EVENT_FINISHED, now, {"finish_status": status.name}))
         return Completion(
             status=status,
             stop_reason=stop_reason,
@@ -149,4 +199,6 @@ class RequestStream:
                 decode_ms=ms(self.first_token, now),
                 total_ms=ms(self.arrival, now),
             ),
+            events=tuple(self.events),
+            num_preemptions=self.num_preemptions,
         )

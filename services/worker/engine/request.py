@@ -104,6 +104,11 @@ class Request:
         return self.prompt_token_ids + tuple(self.output_token_ids)
 
     @property
+    def max_num_computed_tokens(self) -> int:
+        """The most tokens that ever had KV at once (preemption drops them; this remembers)."""
+        return self._max_num_computed_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status.is_finished()
 
