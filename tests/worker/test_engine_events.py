@@ -69,6 +69,9 @@ def test_preemption_and_resume_with_recomputed_tokens(loaded):
     assert res.attributes == {"prefix_hit_tokens": 0,
                               "recomputed_tokens": pre.attributes["computed_tokens"]}
     assert victim.num_preemptions == names.count(op.EVENT_PREEMPTED)
+    assert victim.recomputed_tokens == sum(e.attributes["recomputed_tokens"]
+                                           for e in victim.events if e.name == op.EVENT_RESUMED)
+    assert engine.stats.recomputed_tokens == victim.recomputed_tokens > 0
     assert names[-1] == op.EVENT_FINISHED
     assert op.EVENT_PREEMPTED not in [e.name for e in done["old"].events]
 

@@ -34,6 +34,7 @@ class EngineStats:
     preemptions: int = 0
     aborted_requests: int = 0
     aborted_generated_tokens: int = 0  # tokens generated for requests later aborted (waste)
+    recomputed_tokens: int = 0  # recomputed after preemption; counted when the request ends
 
 
 class LLMEngine:
@@ -75,7 +76,9 @@ class LLMEngine:
         self.stats.aborted_requests += 1
         self.stats.aborted_generated_tokens += request.num_output_tokens
         stream = self._streams.pop(request_id)
-        return stream.finish(RequestStatus.FINISHED_ABORTED, None, self.clock())
+        event = stream.finish(RequestStatus.FINISHED_ABORTED, None, self.clock())
+        self.stats.recomputed_tokens += event.completion.recomputed_tokens
+        return event
 
     def abort_all(self) -> list[StreamEvent]:
         return [e for rid in list(self._streams) if (e := self.abort(rid)) is not None]
@@ -113,6 +116,7 @@ class LLMEngine:
             stream = self._streams[out.request_id]
             event = stream.process(out, now)
             if event.completion is not None:
+                self.stats.recomputed_tokens += event.completion.recomputed_tokens
                 if not out.finished:  # a stop string matched; the scheduler did not stop it
                     self.scheduler.finish_request(out.request_id, RequestStatus.FINISHED_STOPPED,
                                                   stream.stopped_by)

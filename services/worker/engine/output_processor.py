@@ -59,6 +59,8 @@ class Completion:
     timings: Timings
     events: tuple[EngineEvent, ...] = ()
     num_preemptions: int = 0
+    recomputed_tokens: int = 0
+    """Tokens whose KV a preemption dropped and the request had to compute again."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class RequestStream:
     events: list[EngineEvent] = field(default_factory=list)
     num_preemptions: int = 0
     lost_tokens: int = 0  # computed tokens dropped by the last preemption (0: not preempted)
+    recomputed_tokens: int = 0
 
     @classmethod
     def create(cls, tokenizer: Tokenizer, request_id: str, stops: tuple[str, ...],
@@ -116,9 +119,10 @@ class RequestStream:
             self.first_scheduled = now
             self.events.append(EngineEvent(EVENT_SCHEDULED, now, {"cached_tokens": start}))
         elif self.lost_tokens:
+            recompute = max(0, self.lost_tokens - start)
+            self.recomputed_tokens += recompute
             self.events.append(EngineEvent(EVENT_RESUMED, now, {
-                "prefix_hit_tokens": start,
-                "recomputed_tokens": max(0, self.lost_tokens - start)}))
+                "prefix_hit_tokens": start, "recomputed_tokens": recompute}))
             self.lost_tokens = 0
         if start + num_new < num_tokens or num_new > 1:  # not a plain decode step
             self.events.append(EngineEvent(EVENT_PREFILL_CHUNK, now,
@@ -201,4 +205,5 @@ class RequestStream:
             ),
             events=tuple(self.events),
             num_preemptions=self.num_preemptions,
+            recomputed_tokens=self.recomputed_tokens,
         )
