@@ -28,12 +28,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
 fi
 
 # redis-server for the cache; a C compiler for the worker's native CPU kernels
-# (services/worker/native, built on first use; without one, decode attention falls back to torch).
+# (services/worker/native, built on first use; without one, decode attention falls back to torch);
+# promtool (Debian's prometheus package) to check the alert rules in deploy/observability.
 MISSING=()
 command -v redis-server >/dev/null 2>&1 || MISSING+=(redis-server)
 command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || MISSING+=(gcc libc6-dev)
+command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "[setup] installing ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q "${MISSING[@]}"
+  $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${MISSING[@]}"
 fi
