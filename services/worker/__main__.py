@@ -15,6 +15,7 @@ import sys
 
 import yaml
 
+from services.common.telemetry import EXPORTERS, TracingConfig
 from services.worker.config import WorkerConfig
 from services.worker.engine.config import CacheConfig
 
@@ -39,6 +40,11 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--kv-cache-fraction", type=float, help="fraction of available memory")
     p.add_argument("--num-kv-blocks", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--trace-exporter", choices=sorted(EXPORTERS), help="span exporter (default none)")
+    p.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
+    p.add_argument("--trace-file", help="JSON-lines span file (exporter 'file')")
+    p.add_argument("--trace-sample-ratio", type=float)
     args = p.parse_args(argv)
 
     values: dict = {}
@@ -46,6 +52,12 @@ def parse_args(argv: list[str]) -> WorkerConfig:
         with open(args.config) as f:
             values.update(yaml.safe_load(f) or {})
     cache = dict(values.pop("cache", {}) or {})
+    tracing = dict(values.pop("tracing", {}) or {})
+    for flag, key in (("trace_exporter", "exporter"), ("otlp_endpoint", "otlp_endpoint"),
+                      ("trace_file", "file_path"), ("trace_sample_ratio", "sample_ratio")):
+        if getattr(args, flag) is not None:
+            tracing[key] = getattr(args, flag)
+    tracing.setdefault("service_name", "worker")
     for flag, key in (("block_size", "block_size"), ("kv_cache_bytes", "memory_bytes"),
                       ("kv_cache_fraction", "memory_fraction"), ("num_kv_blocks", "num_blocks")):
         if getattr(args, flag) is not None:
@@ -54,12 +66,12 @@ def parse_args(argv: list[str]) -> WorkerConfig:
         cache["enable_prefix_caching"] = False
     for f in dataclasses.fields(WorkerConfig):
         value = getattr(args, f.name, None)
-        if value is not None and f.name != "cache":
+        if value is not None and f.name not in ("cache", "tracing"):
             values[f.name] = value
     if "model" not in values:
         p.error("--model is required (or `model:` in --config)")
     values.setdefault("worker_id", "")
-    config = WorkerConfig(cache=CacheConfig(**cache), **values)
+    config = WorkerConfig(cache=CacheConfig(**cache), tracing=TracingConfig(**tracing), **values)
     if not config.worker_id:
         config = dataclasses.replace(config, worker_id=f"{config.tier}-{config.port}")
     return config

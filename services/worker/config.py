@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.telemetry import TracingConfig
 from services.worker.engine.config import CacheConfig
 
 TIER_NAMES = ("small", "quantized", "large")
@@ -38,6 +39,10 @@ class WorkerConfig:
     load_interval_ms: int = 500
     """Default interval of WatchLoad snapshots."""
     min_load_interval_ms: int = 50
+    metrics_port: int | None = None
+    """Port of the Prometheus /metrics endpoint (served once the model is loaded); None: off."""
+    tracing: TracingConfig = field(default_factory=lambda: TracingConfig(service_name="worker"))
+    """Span export (OpenTelemetry); off by default."""
 
     def __post_init__(self) -> None:
         if self.tier not in TIER_NAMES:
@@ -54,5 +59,7 @@ class WorkerConfig:
                      "min_load_interval_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

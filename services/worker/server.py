@@ -15,11 +15,14 @@ from grpc_reflection.v1alpha import reflection
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.common.assets import smollm2_gguf_path
+from services.common.telemetry import Telemetry
 from services.worker.config import WorkerConfig
 from services.worker.engine.async_engine import AsyncEngine
 from services.worker.engine.config import SchedulerConfig
 from services.worker.engine.engine import LLMEngine
+from services.worker.metrics import WorkerMetrics
 from services.worker.model.loader import load_model
+from services.worker.observe import Observability
 from services.worker.service import WorkerServicer
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,10 @@ class WorkerServer:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.servicer = WorkerServicer(config)
+        self.telemetry = Telemetry(config.tracing)
+        self.servicer = WorkerServicer(config, Observability(
+            self.telemetry.tracer, None, config.tier, config.worker_id))
+        self.metrics: WorkerMetrics | None = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -92,6 +98,13 @@ class WorkerServer:
         aengine = AsyncEngine(build)
         aengine.start()
         engine = await aengine.wait_ready()
+        self.metrics = WorkerMetrics(engine.loaded.model_id, self.config.tier,
+                                     lambda: aengine.engine)
+        self.servicer.observe.metrics = self.metrics
+        if self.config.metrics_port is not None:
+            self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            logger.info("metrics on http://%s:%d/metrics", self.config.host,
+                        self.config.metrics_port)
         self.servicer.attach(aengine)
         await self._set_health(True)
         logger.info("worker %s serving %s on port %d (ready in %.1f s)", self.config.worker_id,
@@ -110,6 +123,7 @@ class WorkerServer:
         await self.server.stop(grace=1.0)
         if engine is not None:
             engine.shutdown()
+        self.telemetry.shutdown()  # flushes queued spans (bounded by the export timeout)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

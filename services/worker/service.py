@@ -15,6 +15,7 @@ from services.worker import convert
 from services.worker.config import WorkerConfig
 from services.worker.engine.async_engine import AsyncEngine
 from services.worker.engine.errors import EngineDead, InvalidArgument, QueueFull
+from services.worker.observe import Observability
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,14 @@ register_status(NotServing, grpc.StatusCode.UNAVAILABLE)
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Starts before the model is loaded (so probes get answers); `attach` makes it serve."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, observability: Observability | None = None) -> None:
         self.config = config
         self.engine: AsyncEngine | None = None
         self.draining = False
+        if observability is None:
+            from opentelemetry.trace import NoOpTracer
+            observability = Observability(NoOpTracer(), None, config.tier, config.worker_id)
+        self.observe = observability
 
     def attach(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -60,14 +65,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     @maps_errors
     async def Generate(self, request, context):
         self._require_serving()
-        convert.validate_request(request)
-        params = convert.sampling_params(request)
-        prompt_ids = self.tokenizer.encode(convert.prompt_text(request, self.tokenizer))
-        async for event in self.engine.generate(request.request_id, prompt_ids, params):
-            if event.text or event.token_ids:
-                yield convert.chunk(event, self.tokenizer)
-            if event.completion is not None:
-                yield convert.complete(event.completion, self.model_id)
+        with self.observe.request(request, context, self.model_id) as obs:
+            convert.validate_request(request)
+            params = convert.sampling_params(request)
+            prompt_ids = self.tokenizer.encode(convert.prompt_text(request, self.tokenizer))
+            async for event in self.engine.generate(request.request_id, prompt_ids, params):
+                obs.on_event(event)
+                if event.text or event.token_ids:
+                    yield convert.chunk(event, self.tokenizer)
+                if event.completion is not None:
+                    final = convert.complete(event.completion, self.model_id)
+                    obs.on_complete(event.completion, final)
+                    yield final
 
     @maps_errors
     async def Abort(self, request, context):
