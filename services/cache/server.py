@@ -19,6 +19,7 @@ from services.cache.metrics import CacheMetrics
 from services.cache.servicer import CacheServicer
 from services.cache.store import RedisStore
 from services.cache.sync import IndexSync
+from services.common.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,12 @@ class CacheServer:
                  guard: SemanticGuard | None = None):
         self.config = config
         self.replica = CacheReplica(config, embedder, guard)
+        self.telemetry = Telemetry(config.tracing())
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_workers,
                                                              thread_name_prefix="cache-rpc"))
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.replica.cache),
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.replica.cache,
+                                                                        self.telemetry.tracer),
                                                           self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -103,6 +106,7 @@ class CacheServer:
         self._set_health(False)
         self.server.stop(grace_s).wait()
         self.replica.stop()
+        self.telemetry.shutdown()
 
     def wait(self) -> None:
         """Blocks until the server stops."""

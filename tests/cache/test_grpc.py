@@ -174,3 +174,43 @@ def test_python_m_services_cache_serves_and_stops_on_sigterm(redis_server, tmp_p
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=20)
     assert code == 0, (tmp_path / "log").read_text()[-2000:]
+
+
+def test_lookup_and_store_spans_join_the_callers_trace(served, tmp_path):
+    import json
+
+    from services.common.telemetry import Telemetry, TracingConfig, inject_metadata
+
+    spans = tmp_path / "spans.jsonl"
+    server, channel = served(trace_exporter="file", trace_file=spans)
+    stub = cache_pb2_grpc.CacheServiceStub(channel)
+    caller = Telemetry(TracingConfig(service_name="router", exporter="file", file_path=str(spans)))
+    with caller.tracer.start_as_current_span("router.request") as root:
+        md = inject_metadata()
+        miss = stub.Lookup(cache_pb2.LookupRequest(query=query("Capital of France?")), metadata=md)
+        stub.Store(cache_pb2.StoreRequest(query=query("Capital of France?"), entry=ENTRY),
+                   metadata=md)
+        hit = stub.Lookup(cache_pb2.LookupRequest(query=query("Capital of France?")), metadata=md)
+    assert miss.result == common_pb2.CACHE_RESULT_MISS and hit.result == common_pb2.CACHE_RESULT_EXACT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Lookup(cache_pb2.LookupRequest(), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    server.telemetry.provider.force_flush()
+    caller.shutdown()
+    got = [json.loads(line) for line in spans.read_text().splitlines()]
+    cache_spans = [s for s in got if s["service"] == "cache"]
+    assert [s["name"] for s in cache_spans] == ["cache.Lookup", "cache.Store", "cache.Lookup",
+                                                "cache.Lookup"]
+    root_id = f"{root.get_span_context().span_id:016x}"
+    for s in cache_spans:
+        assert s["parent_id"] == root_id and s["kind"] == "SERVER"
+    for s in cache_spans[:3]:
+        assert s["attributes"]["switchyard.tenant"] == "acme"
+    assert cache_spans[3]["status"] == "ERROR"  # the malformed lookup
+    first, _, second, _ = cache_spans
+    assert first["attributes"]["switchyard.cache.result"] == "miss"
+    assert "switchyard.cache.kind" not in first["attributes"]
+    assert second["attributes"]["switchyard.cache.result"] == "exact"
+    assert second["attributes"]["switchyard.cache.kind"] == "exact"
+    assert second["attributes"]["switchyard.cache.similarity"] == pytest.approx(1.0)
+    assert not any("France" in str(v) for s in cache_spans for v in s["attributes"].values())
