@@ -1,0 +1,203 @@
+"""One trace across separate processes (client -> cache -> worker -> engine events), exported
+over OTLP/gRPC to a test receiver; a forced preemption shows up in the trace; a dead collector
+changes nothing for clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from switchyard.cache.v1 import cache_pb2, cache_pb2_grpc
+from switchyard.common.v1 import common_pb2
+from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
+
+from services.common.telemetry import Telemetry, TracingConfig, inject_metadata
+from tests.cache.conftest import RedisServer, free_port
+from tests.observability.otlp_receiver import OTLPReceiver
+from tests.worker.conftest import smollm2_gguf_reader, smollm2_tokenizer, tiny_model_dir  # noqa: F401
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", SWITCHYARD_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1")
+SERVER_KIND = 2  # OTLP Span.SpanKind SPAN_KIND_SERVER
+
+
+def _wait_serving(target: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, f"{target} never became SERVING"
+            time.sleep(0.2)
+
+
+class Proc:
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, *args], env=ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _worker_args(model_dir, port: int, endpoint: str, *extra: str) -> list[str]:
+    return ["-m", "services.worker", "--model", str(model_dir), "--port", str(port),
+            "--max-model-len", "512", "--trace-exporter", "otlp", "--otlp-endpoint", endpoint,
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    """Receiver, Redis, a cache process and two worker processes (one with a tiny KV pool)."""
+    receiver = OTLPReceiver(free_port())
+    receiver.start()
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    ports = {"cache": free_port(), "worker": free_port(), "tight": free_port()}
+    procs = [
+        Proc(["-m", "services.cache", "--redis-url", redis.url, "--port", str(ports["cache"]),
+              "--trace-exporter", "otlp", "--otlp-endpoint", receiver.endpoint]),
+        Proc(_worker_args(tiny_model_dir, ports["worker"], receiver.endpoint,
+                          "--num-kv-blocks", "64")),
+        # 8 blocks of 16 tokens: two requests of ~60 + 40 tokens cannot both fit
+        Proc(_worker_args(tiny_model_dir, ports["tight"], receiver.endpoint,
+                          "--num-kv-blocks", "8", "--no-prefix-caching")),
+    ]
+    try:
+        for name in ports:
+            _wait_serving(f"127.0.0.1:{ports[name]}")
+        yield receiver, {k: f"127.0.0.1:{v}" for k, v in ports.items()}
+    finally:
+        for p in procs:
+            p.stop()
+        redis.stop()
+        receiver.stop()
+
+
+def _query(text: str) -> cache_pb2.CacheQuery:
+    return cache_pb2.CacheQuery(
+        scope=cache_pb2.CacheScope(tenant="acme", model_id="tiny", model_version="v1"),
+        chat=common_pb2.Conversation(messages=[
+            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)]),
+        sampling=common_pb2.SamplingParams(temperature=0.0), max_tokens=8)
+
+
+def _generate(target: str, rid: str, prompt: str, max_tokens: int, metadata=None):
+    with grpc.insecure_channel(target) as ch:
+        stub = worker_pb2_grpc.WorkerServiceStub(ch)
+        msgs = list(stub.Generate(worker_pb2.GenerateRequest(
+            request_id=rid, prompt=prompt, max_tokens=max_tokens,
+            sampling=common_pb2.SamplingParams(temperature=0.0, ignore_eos=True)),
+            metadata=metadata, timeout=60))
+    return msgs[-1].complete
+
+
+def test_one_trace_across_client_cache_and_worker(cluster):
+    receiver, addr = cluster
+    client = Telemetry(TracingConfig(service_name="client", exporter="otlp",
+                                     otlp_endpoint=receiver.endpoint))
+    with client.tracer.start_as_current_span("client.request") as root:
+        md = inject_metadata()
+        with grpc.insecure_channel(addr["cache"]) as ch:
+            cache = cache_pb2_grpc.CacheServiceStub(ch)
+            assert cache.Lookup(cache_pb2.LookupRequest(query=_query("hello?")),
+                                metadata=md).result == common_pb2.CACHE_RESULT_MISS
+            final = _generate(addr["worker"], "traced", "The weather today is", 6, md)
+            cache.Store(cache_pb2.StoreRequest(query=_query("hello?"), entry=cache_pb2.CacheEntry(
+                text="hi", usage=final.usage, model_id=final.model_id,
+                finish_reason=final.finish_reason)), metadata=md)
+    client.shutdown()
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    root_id = f"{root.get_span_context().span_id:016x}"
+
+    def complete(spans):
+        names = {(s["service"], s["name"]) for s in spans if s["trace_id"] == trace_id}
+        return {("client", "client.request"), ("cache", "cache.Lookup"), ("cache", "cache.Store"),
+                ("worker", "worker.Generate")} <= names
+
+    spans = [s for s in receiver.wait_for(complete) if s["trace_id"] == trace_id]
+    by_name = {s["name"]: s for s in spans}
+    for name in ("cache.Lookup", "cache.Store", "worker.Generate"):
+        assert by_name[name]["parent_id"] == root_id, name
+        assert by_name[name]["kind"] == SERVER_KIND
+    assert by_name["cache.Lookup"]["attributes"]["switchyard.cache.result"] == "miss"
+    gen = by_name["worker.Generate"]
+    a = gen["attributes"]
+    assert a["gen_ai.request.model"] == final.model_id
+    assert a["gen_ai.usage.input_tokens"] == final.usage.prompt_tokens
+    assert a["gen_ai.usage.output_tokens"] == 6
+    assert a["gen_ai.response.finish_reasons"] == ["length"]
+    names = [e["name"] for e in gen["events"]]
+    assert names[0] == "engine.queued" and names[-1] == "engine.finished"
+    assert {"engine.scheduled", "engine.prefill_chunk", "engine.first_token"} <= set(names)
+
+
+def test_preemption_appears_in_the_trace(cluster):
+    receiver, addr = cluster
+    # ~42 tokens each: both prefills fit in 8 blocks, their growth to ~82 tokens does not
+    prompt_a = " ".join(f"alpha{i}" for i in range(16))
+    prompt_b = " ".join(f"beta{i}" for i in range(16))
+    results = {}
+
+    def run(rid, prompt):
+        results[rid] = _generate(addr["tight"], rid, prompt, 40)
+
+    threads = [threading.Thread(target=run, args=a) for a in (("pa", prompt_a), ("pb", prompt_b))]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(120)
+    assert {r.usage.completion_tokens for r in results.values()} == {40}
+
+    def preempted(spans):
+        return any(e["name"] == "engine.resumed" for s in spans if s["name"] == "worker.Generate"
+                   and s["attributes"].get("gen_ai.response.id") in results for e in s["events"])
+
+    spans = receiver.wait_for(preempted)
+    victim = next(s for s in spans if s["name"] == "worker.Generate"
+                  and any(e["name"] == "engine.resumed" for e in s["events"]))
+    events = {e["name"]: e for e in victim["events"]}
+    lost = events["engine.preempted"]["attributes"]["computed_tokens"]
+    assert lost > 0
+    assert events["engine.resumed"]["attributes"]["recomputed_tokens"] == lost
+    assert victim["attributes"]["switchyard.preemptions"] >= 1
+    assert victim["attributes"]["switchyard.recomputed_tokens"] >= lost
+
+
+def test_a_dead_collector_changes_nothing_for_clients(cluster):
+    receiver, addr = cluster
+    receiver.stop()
+    try:
+        for i in range(3):
+            start = time.monotonic()
+            final = _generate(addr["worker"], f"dark-{i}", "Once upon a time", 5)
+            assert final.usage.completion_tokens == 5
+            assert time.monotonic() - start < 10.0
+    finally:
+        receiver.start()  # same port: the exporters reconnect
+    _generate(addr["worker"], "after", "Once upon a time", 3)
+    receiver.wait_for(lambda spans: any(s["attributes"].get("gen_ai.response.id") == "after"
+                                        for s in spans))
