@@ -62,12 +62,22 @@ def _compiler_id(cc: str) -> str:
         raise NativeBuildError(f"C compiler {cc!r} does not run: {e}") from e
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags: a library built with -march=native must not be loaded on a
+    machine with fewer (a shared home directory, a copied cache)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def build(name: str) -> Path:
     """Compiles `<name>.c` beside this module (if not cached) and returns the library path."""
     src = SOURCE_DIR / f"{name}.c"
     cc = _compiler()
     key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode()
-                         + _compiler_id(cc).encode()).hexdigest()[:16]
+                         + _compiler_id(cc).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if out.exists():
         return out
