@@ -13,6 +13,7 @@ the step's own tokens, which is what the reference checks and one-shot scoring u
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -149,24 +150,25 @@ def _decode_group(meta: AttentionMetadata, members: list[int]) -> DecodeBatch:
                        flat, nb, mask)
 
 
-_context: AttentionMetadata | None = None
+# Per thread: each engine steps on its own thread, and two engines may share a process.
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def forward_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
-    """Installs `meta` for the duration of one model forward; nesting is a bug."""
-    global _context
-    assert _context is None, "forward_context does not nest"
-    _context = meta
+    """Installs `meta` for the duration of one model forward on this thread; nesting is a bug."""
+    assert getattr(_local, "meta", None) is None, "forward_context does not nest"
+    _local.meta = meta
     try:
         yield meta
     finally:
-        _context = None
+        _local.meta = None
 
 
 def get_forward_context() -> AttentionMetadata:
-    assert _context is not None, "model forward called outside forward_context()"
-    return _context
+    meta = getattr(_local, "meta", None)
+    assert meta is not None, "model forward called outside forward_context()"
+    return meta
 
 
 class AttentionBackend(Protocol):
