@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import SpanKind
 from switchyard.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from services.router import convert
@@ -27,6 +28,7 @@ from services.router.domain import (
     Tier,
     Usage,
 )
+from services.router.tracing import RequestTrace
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,8 @@ class CacheClient:
     def _query(self, req: GenerateRequest) -> cache_pb2.CacheQuery:
         return convert.cache_query(req, route_model(req), self.config.model_version)
 
-    async def lookup(self, req: GenerateRequest, deadline: float) -> LookupResult:
+    async def lookup(self, req: GenerateRequest, deadline: float,
+                     trace: RequestTrace | None = None) -> LookupResult:
         why = _bypass_reason(req, store=False)
         if why is not None:
             return LookupResult(CacheResult.BYPASSED, reason=why)
@@ -103,12 +106,21 @@ class CacheClient:
         msg = cache_pb2.LookupRequest(query=self._query(req))
         if req.cache is not None:
             msg.policy.CopyFrom(convert.cache_policy(req.cache))
+        span = trace.child("router.cache.lookup", SpanKind.CLIENT) if trace else None
         try:
-            resp = await self.stub.Lookup(msg, timeout=timeout)
+            resp = await self.stub.Lookup(msg, timeout=timeout,
+                                          metadata=RequestTrace.metadata(span) if span else None)
         except grpc.aio.AioRpcError as exc:
             logger.debug("cache lookup failed: %s %s", exc.code().name, exc.details())
+            if span is not None:
+                span.set_attribute("switchyard.cache.result", "unavailable")
+                span.end()
             return LookupResult(CacheResult.UNAVAILABLE, reason=f"cache {exc.code().name}")
         result = CacheResult(resp.result)
+        if span is not None:
+            span.set_attribute("switchyard.cache.result", result.name.lower())
+            span.set_attribute("switchyard.cache.similarity", float(resp.similarity))
+            span.end()
         if not result.is_hit:
             return LookupResult(result, resp.similarity, reason=resp.reason)
         e = resp.entry
@@ -117,23 +129,33 @@ class CacheClient:
             tier=Tier(e.tier) if e.tier else None, model_id=e.model_id,
             finish_reason=FinishReason(e.finish_reason), stop_reason=e.stop_reason))
 
-    def store_later(self, req: GenerateRequest, answer: CachedAnswer) -> None:
+    def store_later(self, req: GenerateRequest, answer: CachedAnswer,
+                    trace: RequestTrace | None = None) -> None:
         """Stores a finished answer in the background (never delays the response)."""
         if _bypass_reason(req, store=True) is not None or not deterministic(req):
             return
         if answer.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
             return
-        task = asyncio.create_task(self._store(req, answer))
+        span = trace.child("router.cache.store", SpanKind.CLIENT) if trace else None
+        task = asyncio.create_task(self._store(req, answer, span))
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
 
-    async def _store(self, req: GenerateRequest, answer: CachedAnswer) -> None:
+    async def _store(self, req: GenerateRequest, answer: CachedAnswer, span) -> None:
         msg = cache_pb2.StoreRequest(query=self._query(req), entry=convert.cache_entry(answer))
         if req.cache is not None:
             msg.policy.CopyFrom(convert.cache_policy(req.cache))
         try:
-            resp = await self.stub.Store(msg, timeout=self.config.timeout_ms / 1000.0 * 4)
+            resp = await self.stub.Store(msg, timeout=self.config.timeout_ms / 1000.0 * 4,
+                                         metadata=RequestTrace.metadata(span) if span else None)
             if not resp.stored:
                 logger.debug("cache did not store %s: %s", req.request_id, resp.reason)
+            if span is not None:
+                span.set_attribute("switchyard.cache.stored", resp.stored)
         except grpc.aio.AioRpcError as exc:
             logger.debug("cache store failed: %s", exc.code().name)
+            if span is not None:
+                span.set_attribute("switchyard.cache.stored", False)
+        finally:
+            if span is not None:
+                span.end()

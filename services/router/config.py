@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from services.common.telemetry import TracingConfig
 from services.router.classifier.model import Thresholds
 from services.router.domain import Tier
 
@@ -236,6 +237,9 @@ class RouterConfig:
     trust_tenant_field: bool = False
     """Accept GenerateRequest.tenant from callers without credentials (internal callers)."""
     max_prompt_chars: int = 200_000
+    tracing: TracingConfig = field(default_factory=lambda: TracingConfig(service_name="router"))
+    """OpenTelemetry span export: exporter (none/console/file/otlp), otlp_endpoint, file_path,
+    sample_ratio."""
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -307,6 +311,12 @@ class RouterConfig:
         sections = {"cache": CacheClientConfig, "classifier": ClassifierConfig,
                     "balancer": BalancerConfig, "health": HealthConfig,
                     "cascade": CascadeConfig}
+        if "tracing" in d:
+            try:
+                d["tracing"] = TracingConfig(**{"service_name": "router", **_check_keys(
+                    d["tracing"], TracingConfig, "tracing")})
+            except ValueError as exc:
+                raise ConfigError(f"tracing: {exc}") from None
         for key, section in sections.items():
             if key in d:
                 if d[key] is None and key == "cache":

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import SpanKind
 from switchyard.common.v1 import common_pb2
 
 from services.router import convert
@@ -39,6 +40,7 @@ from services.router.errors import (
     WorkerFailed,
 )
 from services.router.replicas import Replica
+from services.router.tracing import RequestTrace, end_error
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +85,24 @@ def _status_of(err: common_pb2.Error) -> grpc.StatusCode:
                 grpc.StatusCode.INTERNAL)
 
 
+def _end(span, error: BaseException | None) -> None:
+    if span is None:
+        return
+    if error is not None:
+        if isinstance(error, grpc.aio.AioRpcError):
+            span.set_attribute("rpc.grpc.status_code", error.code().value[0])
+        end_error(span, error)
+    span.end()
+
+
 class Dispatcher:
     def __init__(self, balancer: Balancer, max_attempts: int):
         self.balancer = balancer
         self.max_attempts = max_attempts
 
     async def run(self, req: GenerateRequest, plan: tuple[Tier, ...], route: RouteInfo,
-                  deadline: float, sampling: Sampling | None = None
-                  ) -> AsyncIterator[Chunk | WorkerDone]:
+                  deadline: float, sampling: Sampling | None = None,
+                  trace: RequestTrace | None = None) -> AsyncIterator[Chunk | WorkerDone]:
         """Streams the answer of the first replica of `plan`'s tiers that accepts the request.
 
         Updates `route` (tier, replica, model, attempted tiers, fallback, retries) as it goes.
@@ -114,8 +126,13 @@ class Dispatcher:
                 if remaining <= 0:
                     raise DeadlineExceeded("deadline exceeded before a replica was reached")
                 wid = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
-                call = replica.stub.Generate(convert.worker_request(req, wid, sampling),
-                                             timeout=remaining)
+                span = trace.child("router.worker.generate", SpanKind.CLIENT, {
+                    "switchyard.tier": tier.label, "switchyard.replica": replica.name,
+                    "switchyard.attempt": attempts, "switchyard.worker_request_id": wid,
+                    "switchyard.pick_reason": choice.reason}) if trace else None
+                call = replica.stub.Generate(
+                    convert.worker_request(req, wid, sampling), timeout=remaining,
+                    metadata=RequestTrace.metadata(span) if span else None)
                 replica.in_flight += 1
                 try:
                     first = await call.read()
@@ -126,16 +143,19 @@ class Dispatcher:
                 except grpc.aio.AioRpcError as exc:
                     replica.in_flight -= 1
                     call.cancel()
+                    _end(span, exc)
                     last = self._failed_before_output(replica, exc)
                     continue
-                except BaseException:
+                except BaseException as exc:
                     replica.in_flight -= 1
                     call.cancel()
+                    _end(span, exc)
                     raise
                 if first is grpc.aio.EOF:  # a worker must send complete or error; treat as dead
                     replica.in_flight -= 1
                     replica.eject("Generate ended without a message")
                     last = Unavailable(f"replica {replica.name} ended the stream without output")
+                    _end(span, last)
                     continue
                 route.tier, route.replica = tier, replica.name
                 route.model_id = replica.model_id
@@ -143,8 +163,13 @@ class Dispatcher:
                 route.retries += attempts - 1 + skipped
                 logger.debug("%s -> %s (%s, %s)", req.request_id, replica.name, tier.label,
                              choice.reason)
-                async for event in self._relay(replica, call, first):
-                    yield event
+                try:
+                    async for event in self._relay(replica, call, first):
+                        yield event
+                except BaseException as exc:
+                    _end(span, exc)
+                    raise
+                _end(span, None)
                 return
             if calls_on_tier == 0:
                 skipped += 1

@@ -130,6 +130,8 @@ class GenerateRequest:
     """time.monotonic() by which the request must finish; None = the server's maximum."""
     api: str = "grpc"
     """Front door ("grpc" or "openai"), for metrics."""
+    trace_carrier: tuple[tuple[str, str], ...] = ()
+    """The caller's W3C trace context (traceparent / tracestate), if it sent one."""
 
     @property
     def classifier_text(self) -> str:

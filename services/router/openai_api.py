@@ -12,6 +12,7 @@ worker. Deadline: header `X-Request-Timeout-Ms` (else the server's maximum).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from services.router.domain import Chunk, Final, GenerateRequest, Tier
 from services.router.errors import InvalidArgument, RateLimited, RouterError
 from services.router.metrics import RouterMetrics
 from services.router.routing import Router
+from services.router.tracing import trace_carrier
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class OpenAIApi:
         req = parse(body, request_id=rid, tenant=principal.tenant.name,
                     permission_scope=principal.tenant.permission_scope,
                     deadline=self._deadline(request))
+        req = dataclasses.replace(req, trace_carrier=trace_carrier(request.headers.items()))
         events = self.router.generate(req)
         if req.stream:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

@@ -35,6 +35,7 @@ from services.router.errors import PermissionDenied, RateLimited, RouterError
 from services.router.limits import Limits, estimate_prompt_tokens
 from services.router.metrics import RouterMetrics
 from services.router.slo import Latency, meets
+from services.router.tracing import NOOP, RequestTrace, end_error
 from services.router.validation import validate_request
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class Plan:
 class Router:
     def __init__(self, config: RouterConfig, dispatcher: Dispatcher, cache: CacheClient | None,
                  classifier: DifficultyClassifier | None, limits: Limits, metrics: RouterMetrics,
-                 executor: Executor):
+                 executor: Executor, tracer=NOOP):
         self.config = config
         self.dispatcher = dispatcher
         self.cache = cache
@@ -72,25 +73,37 @@ class Router:
         self.limits = limits
         self.metrics = metrics
         self.executor = executor
+        self.tracer = tracer
         self.tenants = {t.name: t for t in config.tenants}
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         clock = _Clock(time.monotonic())
+        tr = RequestTrace(self.tracer, req)
+        route = RouteInfo()
         outcome = "error"
+        final: Final | None = None
+        error: BaseException | None = None
         try:
-            async for event in self._generate(req, clock):
+            async for event in self._generate(req, clock, route, tr):
+                if isinstance(event, Final):
+                    final = event
                 yield event
             outcome = "ok"
         except RouterError as exc:
-            outcome = type(exc).__name__
+            outcome, error = type(exc).__name__, exc
             raise
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            outcome, error = "cancelled", exc
+            raise
+        except Exception as exc:
+            error = exc
             raise
         finally:
             self.metrics.requests.labels(req.api, outcome).inc()
+            tr.finish(route, final, error)
 
-    async def _generate(self, req: GenerateRequest, clock: _Clock) -> AsyncIterator[Event]:
+    async def _generate(self, req: GenerateRequest, clock: _Clock, route: RouteInfo,
+                        tr: RequestTrace) -> AsyncIterator[Event]:
         tenant = self.tenants[req.tenant]
         validate_request(req, self.config.max_prompt_chars)
         deadline = clock.arrival + self.config.request_timeout_s
@@ -106,24 +119,23 @@ class Router:
             raise
         used: int | None = None
         try:
-            route = RouteInfo()
-            hit = await self._lookup(req, tenant, route, deadline)
+            hit = await self._lookup(req, tenant, route, deadline, tr)
             if hit is not None:
                 clock.dispatched = clock.first_token = time.monotonic()
                 yield Chunk(hit.text, hit.token_ids)
                 used = 0
                 yield self._finish(req, route, clock, hit.finish_reason, hit.stop_reason,
-                                   hit.usage)
+                                   hit.usage, tr)
                 return
-            plan = await self._decide(req, tenant, route, hint_note)
+            plan = await self._decide(req, tenant, route, hint_note, tr)
             if plan.cascade_to:
                 final = None
-                async for event in self._cascade(req, plan, route, clock, deadline):
+                async for event in self._cascade(req, plan, route, clock, deadline, tr):
                     final = event
                     yield event
             else:
                 final = None
-                async for event in self._serve(req, plan.tiers, route, clock, deadline):
+                async for event in self._serve(req, plan.tiers, route, clock, deadline, tr):
                     final = event
                     yield event
             if isinstance(final, Final):
@@ -148,10 +160,10 @@ class Router:
         return req, ""
 
     async def _lookup(self, req: GenerateRequest, tenant: TenantConfig, route: RouteInfo,
-                      deadline: float) -> CachedAnswer | None:
+                      deadline: float, tr: RequestTrace) -> CachedAnswer | None:
         if self.cache is None or not tenant.cache:
             return None
-        result: LookupResult = await self.cache.lookup(req, deadline)
+        result: LookupResult = await self.cache.lookup(req, deadline, tr)
         route.cache_result = result.result
         route.cache_similarity = result.similarity
         self.metrics.cache_results.labels(result.result.name.lower()).inc()
@@ -165,14 +177,25 @@ class Router:
         return a
 
     async def _decide(self, req: GenerateRequest, tenant: TenantConfig, route: RouteInfo,
-                      hint_note: str) -> Plan:
+                      hint_note: str, tr: RequestTrace) -> Plan:
         allowed = tenant.allowed_tiers
         if req.tier_hint is not None:
             tier, route.route, route.decision_reason = req.tier_hint, "hint", "hint"
         elif self.classifier is not None:
             start = time.perf_counter()
-            decision = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.classifier.classify, req.classifier_text, tenant.thresholds)
+            span = tr.child("router.classify")
+            try:
+                decision = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.classifier.classify, req.classifier_text,
+                    tenant.thresholds)
+            except BaseException as exc:
+                end_error(span, exc)
+                span.end()
+                raise
+            span.set_attributes({"switchyard.classifier.score": decision.score,
+                                 "switchyard.classifier.tier": decision.tier.label,
+                                 "switchyard.classifier.reason": decision.reason})
+            span.end()
             self.metrics.classifier_seconds.observe(time.perf_counter() - start)
             tier, route.route = decision.tier, "classifier"
             route.difficulty_score, route.classified_tier = decision.score, decision.tier
@@ -201,13 +224,14 @@ class Router:
     # --- serving -----------------------------------------------------------------------------
 
     async def _serve(self, req: GenerateRequest, tiers: tuple[Tier, ...], route: RouteInfo,
-                     clock: _Clock, deadline: float) -> AsyncIterator[Event]:
+                     clock: _Clock, deadline: float, tr: RequestTrace) -> AsyncIterator[Event]:
         done: WorkerDone | None = None
         texts: list[str] = []
         ids: list[int] = []
         clock.dispatched = time.monotonic()
         self.metrics.overhead.observe(clock.dispatched - clock.arrival)
-        async with contextlib.aclosing(self.dispatcher.run(req, tiers, route, deadline)) as run:
+        async with contextlib.aclosing(self.dispatcher.run(req, tiers, route, deadline,
+                                                           trace=tr)) as run:
             async for event in run:
                 if isinstance(event, WorkerDone):
                     done = event
@@ -219,15 +243,16 @@ class Router:
                 yield event
         assert done is not None, "the dispatcher ends with WorkerDone or raises"
         self._note_fallback(route, tiers)
-        final = self._finish(req, route, clock, done.finish_reason, done.stop_reason, done.usage)
+        final = self._finish(req, route, clock, done.finish_reason, done.stop_reason, done.usage,
+                             tr)
         if self.cache is not None and done.finish_reason != FinishReason.ABORT:
             self.cache.store_later(req, CachedAnswer(
                 "".join(texts), tuple(ids), done.usage, route.tier, done.model_id,
-                done.finish_reason, done.stop_reason))
+                done.finish_reason, done.stop_reason), tr)
         yield final
 
     async def _cascade(self, req: GenerateRequest, plan: Plan, route: RouteInfo, clock: _Clock,
-                       deadline: float) -> AsyncIterator[Event]:
+                       deadline: float, tr: RequestTrace) -> AsyncIterator[Event]:
         """Non-streaming: answer on the small tier with logprobs; keep it when its mean token
         logprob reaches the threshold, else answer again on the large tier."""
         want = req.sampling.logprobs
@@ -235,7 +260,7 @@ class Router:
             req.sampling, logprobs=0 if want is None else want))
         chunks: list[Chunk] = []
         final: Final | None = None
-        async for event in self._serve(probe, plan.tiers, route, clock, deadline):
+        async for event in self._serve(probe, plan.tiers, route, clock, deadline, tr):
             if isinstance(event, Final):
                 final = event
             else:
@@ -255,14 +280,14 @@ class Router:
                 self.cache.store_later(req, CachedAnswer(
                     "".join(c.text for c in chunks), tuple(t for c in chunks for t in c.token_ids),
                     final.usage, route.tier, route.model_id, final.finish_reason,
-                    final.stop_reason))
+                    final.stop_reason), tr)
             yield final
             return
         self.metrics.escalations.inc()
         route.decision_reason += (f"; cascade: escalated from {small} (mean logprob {mean:.2f} "
                                   f"< {threshold:.2f})")
         clock.first_token = None
-        async for event in self._serve(req, plan.cascade_to, route, clock, deadline):
+        async for event in self._serve(req, plan.cascade_to, route, clock, deadline, tr):
             yield event
 
     def _note_fallback(self, route: RouteInfo, tiers: tuple[Tier, ...]) -> None:
@@ -273,7 +298,7 @@ class Router:
             self.metrics.retries.labels(route.tier.label).inc(route.retries)
 
     def _finish(self, req: GenerateRequest, route: RouteInfo, clock: _Clock,
-                finish: FinishReason, stop_reason: str, usage: Usage) -> Final:
+                finish: FinishReason, stop_reason: str, usage: Usage, tr: RequestTrace) -> Final:
         now = time.monotonic()
         first = clock.first_token or now
         timings = Timings(queue_ms=clock.ms(clock.dispatched), ttft_ms=clock.ms(first),
@@ -283,4 +308,5 @@ class Router:
             latency = Latency.measure(timings.ttft_ms, timings.total_ms, usage.completion_tokens)
             met = cfg is not None and meets(latency, cfg.slo)
             self.metrics.observe_latency(route.tier.label, route.route, latency, met)
+            tr.slo_met, tr.latency = met, latency
         return Final(finish, stop_reason, usage, timings, route, req.request_id)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from switchyard.router.v1 import router_pb2, router_pb2_grpc
 
+from services.common.telemetry import Telemetry
 from services.router.auth import Authenticator
 from services.router.balancer import Balancer
 from services.router.cache_client import CacheClient
@@ -52,6 +53,7 @@ class RouterServer:
         """`classifier`: a preloaded one (tests share one); default = load per config."""
         self.config = config
         self.metrics = RouterMetrics()
+        self.telemetry = Telemetry(config.tracing)
         self.classifier = classifier if classifier is not None else load_classifier(config)
         self.auth = Authenticator(config.tenants)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="classifier")
@@ -78,7 +80,7 @@ class RouterServer:
         self.cache = CacheClient(cfg.cache) if cfg.cache is not None else None
         self.router = Router(cfg, Dispatcher(Balancer(self.pool, cfg.balancer), cfg.max_attempts),
                              self.cache, self.classifier, Limits(list(cfg.tenants)),
-                             self.metrics, self.executor)
+                             self.metrics, self.executor, self.telemetry.tracer)
 
         self.grpc_server = grpc.aio.server()
         router_pb2_grpc.add_RouterServiceServicer_to_server(
@@ -120,6 +122,7 @@ class RouterServer:
         if self.cache is not None:
             await self.cache.close()
         self.executor.shutdown(wait=False)
+        self.telemetry.shutdown()  # flushes queued spans (bounded by the export timeout)
 
     async def run(self) -> None:
         """Serves until SIGTERM / SIGINT."""

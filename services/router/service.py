@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -16,6 +17,7 @@ from services.router.domain import Chunk, Final, GenerateRequest
 from services.router.errors import RateLimited, RouterError
 from services.router.metrics import RouterMetrics
 from services.router.routing import Router
+from services.router.tracing import trace_carrier
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -36,10 +38,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        return convert.request_from_pb(
+        req = convert.request_from_pb(
             request, request_id=request.request_id or uuid.uuid4().hex,
             tenant=principal.tenant.name, permission_scope=principal.tenant.permission_scope,
             stream=stream, deadline=deadline)
+        return dataclasses.replace(req, trace_carrier=trace_carrier(
+            context.invocation_metadata() or ()))
 
     @staticmethod
     def _retry_after(context: grpc.aio.ServicerContext, exc: RateLimited) -> None:

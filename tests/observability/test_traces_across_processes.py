@@ -1,6 +1,6 @@
-"""One trace across separate processes (client -> cache -> worker -> engine events), exported
-over OTLP/gRPC to a test receiver; a forced preemption shows up in the trace; a dead collector
-changes nothing for clients."""
+"""One trace across separate processes (client -> router -> cache and worker -> engine events),
+exported over OTLP/gRPC to a test receiver; a forced preemption shows up in the trace; a dead
+collector changes nothing for clients."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchyard.cache.v1 import cache_pb2, cache_pb2_grpc
 from switchyard.common.v1 import common_pb2
+from switchyard.router.v1 import router_pb2, router_pb2_grpc
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.common.telemetry import Telemetry, TracingConfig, inject_metadata
@@ -75,7 +76,20 @@ def cluster(tiny_model_dir, tmp_path_factory):
     receiver.start()
     redis = RedisServer(tmp_path_factory.mktemp("redis"))
     redis.start()
-    ports = {"cache": free_port(), "worker": free_port(), "tight": free_port()}
+    ports = {"cache": free_port(), "worker": free_port(), "tight": free_port(),
+             "router": free_port(), "router_http": free_port()}
+    router_yaml = tmp_path_factory.mktemp("router") / "router.yaml"
+    router_yaml.write_text(f"""
+grpc_port: {ports["router"]}
+http_port: {ports["router_http"]}
+tiers:
+  small: {{replicas: ["127.0.0.1:{ports["worker"]}"], slo: {{ttft_ms: 60000, tpot_ms: 60000}}}}
+tenants:
+  acme: {{api_keys: [sk-acme-0123456789]}}
+cache: {{target: "127.0.0.1:{ports["cache"]}", timeout_ms: 2000}}
+balancer: {{load_interval_ms: 100}}
+tracing: {{exporter: otlp, otlp_endpoint: "{receiver.endpoint}"}}
+""")
     procs = [
         Proc(["-m", "services.cache", "--redis-url", redis.url, "--port", str(ports["cache"]),
               "--trace-exporter", "otlp", "--otlp-endpoint", receiver.endpoint]),
@@ -84,10 +98,12 @@ def cluster(tiny_model_dir, tmp_path_factory):
         # 8 blocks of 16 tokens: two requests of ~60 + 40 tokens cannot both fit
         Proc(_worker_args(tiny_model_dir, ports["tight"], receiver.endpoint,
                           "--num-kv-blocks", "8", "--no-prefix-caching")),
+        Proc(["-m", "services.router", "--config", str(router_yaml)]),
     ]
     try:
         for name in ports:
-            _wait_serving(f"127.0.0.1:{ports[name]}")
+            if name != "router_http":
+                _wait_serving(f"127.0.0.1:{ports[name]}")
         yield receiver, {k: f"127.0.0.1:{v}" for k, v in ports.items()}
     finally:
         for p in procs:
@@ -201,3 +217,74 @@ def test_a_dead_collector_changes_nothing_for_clients(cluster):
     _generate(addr["worker"], "after", "Once upon a time", 3)
     receiver.wait_for(lambda spans: any(s["attributes"].get("gen_ai.response.id") == "after"
                                         for s in spans))
+
+
+def test_one_trace_from_the_router_through_cache_and_worker(cluster):
+    receiver, addr = cluster
+    client = Telemetry(TracingConfig(service_name="client", exporter="otlp",
+                                     otlp_endpoint=receiver.endpoint))
+    with client.tracer.start_as_current_span("client.call") as root:
+        md = inject_metadata([("authorization", "Bearer sk-acme-0123456789")])
+        with grpc.insecure_channel(addr["router"]) as ch:
+            msgs = list(router_pb2_grpc.RouterServiceStub(ch).Generate(router_pb2.GenerateRequest(
+                request_id="via-router", prompt="Name three colours of the rainbow.",
+                max_tokens=4, sampling=common_pb2.SamplingParams(temperature=0.0)),
+                metadata=md, timeout=60))
+    client.shutdown()
+    final = msgs[-1].final
+    assert final.usage.completion_tokens >= 1
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    want = {("router", "router.request"), ("router", "router.cache.lookup"),
+            ("cache", "cache.Lookup"), ("router", "router.classify"),
+            ("router", "router.worker.generate"), ("worker", "worker.Generate"),
+            ("router", "router.cache.store"), ("cache", "cache.Store")}
+
+    def complete(spans):
+        return want <= {(s["service"], s["name"]) for s in spans if s["trace_id"] == trace_id}
+
+    spans = {s["name"]: s for s in receiver.wait_for(complete) if s["trace_id"] == trace_id}
+    ids = {name: s["span_id"] for name, s in spans.items()}
+    parent = {name: s["parent_id"] for name, s in spans.items()}
+    assert parent["router.request"] == f"{root.get_span_context().span_id:016x}"
+    for hop in ("router.cache.lookup", "router.classify", "router.worker.generate",
+                "router.cache.store"):
+        assert parent[hop] == ids["router.request"], hop
+    assert parent["cache.Lookup"] == ids["router.cache.lookup"]
+    assert parent["cache.Store"] == ids["router.cache.store"]
+    assert parent["worker.Generate"] == ids["router.worker.generate"]
+    root_attrs = spans["router.request"]["attributes"]
+    assert root_attrs["switchyard.tenant"] == "acme"
+    assert root_attrs["switchyard.route"] == "classifier"
+    assert root_attrs["switchyard.tier"] == "small"
+    assert root_attrs["switchyard.cache.result"] == "miss"
+    assert 0.0 <= root_attrs["switchyard.classifier.score"] <= 1.0
+    assert root_attrs["switchyard.decision_reason"]
+    assert root_attrs["switchyard.retries"] == 0 and root_attrs["switchyard.fallback"] is False
+    assert root_attrs["switchyard.slo.met"] is True  # SLO targets of a minute
+    assert root_attrs["gen_ai.usage.output_tokens"] == final.usage.completion_tokens
+    worker = spans["worker.Generate"]
+    assert worker["attributes"]["gen_ai.usage.output_tokens"] == final.usage.completion_tokens
+    assert any(e["name"] == "engine.first_token" for e in worker["events"])
+
+
+def test_http_traceparent_is_honoured(cluster):
+    import json
+    import urllib.request
+
+    receiver, addr = cluster
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    port = addr["router_http"].rsplit(":", 1)[1]
+    body = json.dumps({"model": "small", "prompt": "Hello", "max_tokens": 2,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, method="POST",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-acme-0123456789",
+                 "traceparent": f"00-{trace_id}-{parent_id}-01"})
+    answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    assert answer["usage"]["completion_tokens"] >= 1
+    spans = receiver.wait_for(lambda spans: any(
+        s["trace_id"] == trace_id and s["name"] == "worker.Generate" for s in spans))
+    root = next(s for s in spans if s["trace_id"] == trace_id and s["name"] == "router.request")
+    assert root["parent_id"] == parent_id
+    assert root["attributes"]["switchyard.api"] == "openai"
+    assert root["attributes"]["switchyard.route"] == "hint"
