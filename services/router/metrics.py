@@ -14,14 +14,22 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
+def with_edges(buckets: tuple[float, ...], edges_s) -> tuple[float, ...]:
+    """`buckets` plus the SLO thresholds (seconds) as edges, so "share under target" is exact."""
+    return tuple(sorted(set(buckets) | {round(e, 6) for e in edges_s}))
+
+
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, ttft_targets_s=(), tpot_targets_s=()) -> None:
+        """ttft_targets_s / tpot_targets_s: the configured SLO thresholds (bucket edges)."""
         self.registry = r = CollectorRegistry()
         labels = ("tier", "route")
         self.ttft = Histogram("switchyard_router_ttft_seconds", "Time to first token at the router",
-                              labels, buckets=_LATENCY_BUCKETS, registry=r)
+                              labels, buckets=with_edges(_LATENCY_BUCKETS, ttft_targets_s),
+                              registry=r)
         self.tpot = Histogram("switchyard_router_tpot_seconds", "Time per output token after the "
-                              "first", labels, buckets=_TPOT_BUCKETS, registry=r)
+                              "first", labels, buckets=with_edges(_TPOT_BUCKETS, tpot_targets_s),
+                              registry=r)
         self.e2e = Histogram("switchyard_router_e2e_seconds", "Arrival to last byte", labels,
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.slo_requests = Counter("switchyard_router_slo_requests", "Finished requests "

@@ -52,7 +52,8 @@ class RouterServer:
     def __init__(self, config: RouterConfig, classifier: DifficultyClassifier | None = None):
         """`classifier`: a preloaded one (tests share one); default = load per config."""
         self.config = config
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(ttft_targets_s=[t.slo.ttft_ms / 1000 for t in config.tiers],
+                                     tpot_targets_s=[t.slo.tpot_ms / 1000 for t in config.tiers])
         self.telemetry = Telemetry(config.tracing)
         self.classifier = classifier if classifier is not None else load_classifier(config)
         self.auth = Authenticator(config.tenants)

@@ -103,3 +103,13 @@ def test_dashboard_covers_the_operator_views():
     # histogram edges include the default SLO thresholds (so quantiles there are exact)
     exported = _exported_names()
     assert 'switchyard_worker_time_to_first_token_seconds_bucket' in exported
+
+
+def test_router_histograms_take_the_slo_targets_as_edges():
+    m = RouterMetrics(ttft_targets_s=[1.5, 0.75], tpot_targets_s=[0.06])
+    m.ttft.labels("small", "hint").observe(1.2)
+    m.tpot.labels("small", "hint").observe(0.05)
+    text = generate_latest(m.registry).decode()
+    assert 'switchyard_router_ttft_seconds_bucket{le="1.5",route="hint",tier="small"} 1.0' in text
+    assert 'switchyard_router_ttft_seconds_bucket{le="0.75",route="hint",tier="small"} 0.0' in text
+    assert 'switchyard_router_tpot_seconds_bucket{le="0.06",route="hint",tier="small"} 1.0' in text
