@@ -205,3 +205,36 @@ def test_health_reflection_and_metrics(router):
                  "switchyard_router_slo_requests_total"):
         assert f'{name}{{' in text, name
     assert 'route="classifier",tier="small"' in text
+
+
+def _samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"] = \
+                s.value
+    return out
+
+
+def test_metric_counts_match_the_requests_sent(router):
+    """A known workload moves the counters and histogram totals by exactly its size."""
+    before = _samples(router.metrics())
+    n = 3
+    finals = [complete(router, request(EASY, cache=NO_CACHE, hint=SMALL)) for _ in range(n)]
+    after = _samples(router.metrics())
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("switchyard_router_requests_total{api=grpc,outcome=ok}") == n
+    assert delta("switchyard_router_decisions_total{route=hint,tier=small}") == n
+    for hist in ("ttft", "e2e"):
+        assert delta(f"switchyard_router_{hist}_seconds_count{{route=hint,tier=small}}") == n
+    assert delta("switchyard_router_slo_requests_total{route=hint,tier=small}") == n
+    goodput = delta("switchyard_router_goodput_requests_total{route=hint,tier=small}")
+    assert 0 <= goodput <= n
+    ttft_sum = delta("switchyard_router_ttft_seconds_sum{route=hint,tier=small}")
+    client_ttfts = [f.timings.ttft_ms / 1000 for f in finals]
+    assert abs(ttft_sum - sum(client_ttfts)) < 1e-3 * n  # the same measurements, summed
