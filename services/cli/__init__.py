@@ -1,0 +1,1 @@
+"""The `switchyard` command line: `switchyard up`, its supervisor, clients and config rendering."""
