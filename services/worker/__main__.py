@@ -18,6 +18,7 @@ import yaml
 from services.common.telemetry import EXPORTERS, TracingConfig
 from services.worker.config import WorkerConfig
 from services.worker.engine.config import CacheConfig
+from services.worker.quant.config import SCHEME_NAMES
 
 
 def parse_args(argv: list[str]) -> WorkerConfig:
@@ -29,6 +30,8 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantization", choices=SCHEME_NAMES,
+                   help="weight-only quantization of the linears (default none)")
     p.add_argument("--threads", type=int)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int)

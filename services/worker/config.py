@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from services.common.telemetry import TracingConfig
 from services.worker.engine.config import CacheConfig
+from services.worker.quant.config import SCHEME_NAMES
 
 TIER_NAMES = ("small", "quantized", "large")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -26,6 +27,10 @@ class WorkerConfig:
     """gRPC port; 0 picks a free one (printed at start)."""
     dtype: str = "float32"
     """Weight and KV dtype. float32 is fastest on AVX2-only CPUs."""
+    quantization: str = "none"
+    """Weight-only quantization of the linears: none, int8 (per channel, GPTQ-rounded at load) or
+    int4 (group 32 with zero points; GGUF Q4_1 loads as is). The quantized tier is this same
+    service with int8 or int4 (see services/worker/quant/)."""
     threads: int = 1
     """torch intra-op threads. 1 is the safe default when other busy processes share the cores."""
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -49,6 +54,9 @@ class WorkerConfig:
             raise ValueError(f"tier must be one of {TIER_NAMES}, got {self.tier!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization not in SCHEME_NAMES:
+            raise ValueError(f"quantization must be one of {SCHEME_NAMES}, got "
+                             f"{self.quantization!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.threads < 1:

@@ -24,6 +24,11 @@ FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH: common_pb2.FINISH_REASON_LENGTH,
     RequestStatus.FINISHED_ABORTED: common_pb2.FINISH_REASON_ABORT,
 }
+QUANTIZATIONS = {
+    "none": common_pb2.QUANTIZATION_NONE,
+    "int8": common_pb2.QUANTIZATION_INT8,
+    "int4": common_pb2.QUANTIZATION_INT4,
+}
 MAX_LABELS = 32
 MAX_LABEL_BYTES = 256
 
@@ -110,14 +115,17 @@ def chunk(event: StreamEvent, tokenizer: Tokenizer) -> worker_pb2.GenerateRespon
     return worker_pb2.GenerateResponse(chunk=msg)
 
 
-def complete(c: Completion, model_id: str) -> worker_pb2.GenerateResponse:
+def complete(c: Completion, model_id: str,
+             quantization: str = "none") -> worker_pb2.GenerateResponse:
+    """The stream's final message; `quantization` is the serving model's scheme name."""
     stop = "" if c.stop_reason is None else str(c.stop_reason)
     return worker_pb2.GenerateResponse(complete=worker_pb2.Complete(
         finish_reason=FINISH_REASONS[c.status],
         stop_reason=stop if c.status is RequestStatus.FINISHED_STOPPED else "",
         usage=common_pb2.Usage(prompt_tokens=c.prompt_tokens,
                                completion_tokens=c.completion_tokens,
-                               cached_prompt_tokens=c.cached_prompt_tokens),
+                               cached_prompt_tokens=c.cached_prompt_tokens,
+                               quantization=QUANTIZATIONS[quantization]),
         timings=common_pb2.Timings(queue_ms=c.timings.queue_ms, ttft_ms=c.timings.ttft_ms,
                                    decode_ms=c.timings.decode_ms, total_ms=c.timings.total_ms),
         model_id=model_id,

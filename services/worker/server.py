@@ -43,7 +43,8 @@ def resolve_model(model: str) -> Path:
 
 
 def build_engine(config: WorkerConfig) -> LLMEngine:
-    loaded = load_model(resolve_model(config.model), dtype=getattr(torch, config.dtype))
+    loaded = load_model(resolve_model(config.model), dtype=getattr(torch, config.dtype),
+                        quantization=config.quantization)
     max_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                   loaded.config.max_position_embeddings)
     sched = SchedulerConfig(max_model_len=max_len, max_num_seqs=config.max_num_seqs,

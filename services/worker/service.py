@@ -50,6 +50,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
         self.model_id = engine.engine.loaded.model_id
+        self.quantization = engine.engine.loaded.quantization.scheme
 
     @property
     def serving(self) -> bool:
@@ -74,7 +75,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if event.text or event.token_ids:
                     yield convert.chunk(event, self.tokenizer)
                 if event.completion is not None:
-                    final = convert.complete(event.completion, self.model_id)
+                    final = convert.complete(event.completion, self.model_id,
+                                             self.quantization)
                     obs.on_complete(event.completion, final)
                     yield final
 
@@ -100,6 +102,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             prefix_cache_hit_tokens=bm.stats.num_hits if prefix else None,
             prefix_cache_query_tokens=bm.stats.num_queries if prefix else None,
             timestamp_unix_ms=time.time() * 1000.0,
+            quantization=convert.QUANTIZATIONS[self.quantization],
         )
 
     @maps_errors

@@ -2,6 +2,8 @@
 
 A source registry keyed by what the path is (a `.gguf` file, or a folder with `config.json`)
 picks the reader; each source yields HF-named tensors that the model's `load_weights` consumes.
+With `quantization`, linears are replaced by quantized ones and filled from the source directly
+(services/worker/quant/loading.py); GGUF sources then yield block-quantized tensors undecoded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from ..quant.config import QuantConfig
 
 import torch
 from torch import nn
@@ -38,12 +42,15 @@ class LoadedModel:
     model_version: str
     """Content fingerprint of the checkpoint (16 hex chars); changes when the weights change."""
     load_seconds: float
+    quantization: QuantConfig = QuantConfig()
+    """Weight-only quantization the linears were loaded with (scheme "none" = float)."""
 
 
 @dataclass(frozen=True)
 class _Parts:
     config: ModelConfig
     weights: Callable[[], object]  # -> Iterable[(hf_name, tensor)]
+    quant_sources: Callable[[], object]  # -> Iterable[(hf_name, tensor | GGUFBlocks)]
     tokenizer: Callable[[], "Tokenizer"]
     model_id: str
     model_version: str
@@ -71,6 +78,7 @@ def _gguf_parts(path: Path) -> _Parts:
     from gguf import GGUFReader
 
     from ..tokenizer import Tokenizer
+    from ..quant.gguf_blocks import iter_gguf_sources
     from .weights_gguf import gguf_config, iter_gguf_weights
 
     reader = GGUFReader(str(path))
@@ -79,6 +87,7 @@ def _gguf_parts(path: Path) -> _Parts:
     name_field = reader.fields.get("general.name")
     model_id = name_field.contents() if name_field is not None else path.stem
     return _Parts(cfg, lambda: iter_gguf_weights(reader, cfg, arch),
+                  lambda: iter_gguf_sources(reader, cfg, arch),
                   lambda: Tokenizer.from_gguf(reader), model_id, _fingerprint(_edges(path)))
 
 
@@ -89,8 +98,8 @@ def _hf_parts(folder: Path) -> _Parts:
     cfg = hf_config(folder)
     chunks = [(folder / "config.json").read_bytes()]
     chunks += [_edges(f, 1 << 16) for f in safetensors_files(folder)]
-    return _Parts(cfg, lambda: iter_hf_weights(folder), lambda: Tokenizer.from_hf_dir(folder),
-                  folder.name, _fingerprint(*chunks))
+    return _Parts(cfg, lambda: iter_hf_weights(folder), lambda: iter_hf_weights(folder),
+                  lambda: Tokenizer.from_hf_dir(folder), folder.name, _fingerprint(*chunks))
 
 
 def _source(path: Path) -> Callable[[Path], _Parts]:
@@ -127,22 +136,38 @@ class _skip_init:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", with_tokenizer: bool = True,
-               pack_cpu_linears: bool = True) -> LoadedModel:
+               pack_cpu_linears: bool = True,
+               quantization: QuantConfig | str | None = None) -> LoadedModel:
     """Loads a GGUF file or an HF checkpoint folder; the rotary tables stay in float32.
 
     pack_cpu_linears: on CPU in float32, swap nn.Linear for oneDNN-prepacked layers (~2x faster
     matmuls here; see cpu_linear.py). Off for code that needs the nn.Linear weights.
+    quantization: a QuantConfig or scheme name ("none", "int8", "int4"); weight-only, applied
+    while loading (see services/worker/quant/).
     """
     start = time.perf_counter()
     path = Path(path)
+    quant = QuantConfig.of(quantization)
     parts = _source(path)(path)
     model = build_model(parts.config, dtype, device)
-    model.load_weights(parts.weights())
+    tokenizer = parts.tokenizer() if with_tokenizer or quant.calibrated else None
+    if quant.calibrated:  # GPTQ: the float model runs calibration text, then is replaced
+        from ..quant.gptq import calibration_ids, collect_hessians
+        from ..quant.schemes import quantize_model
+
+        model.load_weights(parts.weights())
+        quantize_model(model, quant, collect_hessians(model, calibration_ids(tokenizer)))
+    elif quant.enabled:
+        from ..quant.loading import load_quantized
+
+        load_quantized(model, parts.quant_sources(), quant)
+    else:
+        model.load_weights(parts.weights())
     if pack_cpu_linears and packing_supported(torch.device(device), dtype):
         pack_linears(model)
-    tokenizer = parts.tokenizer() if with_tokenizer else None
+    tokenizer = tokenizer if with_tokenizer else None
     seconds = time.perf_counter() - start
-    logger.info("loaded %s (%s, %s) in %.2f s", parts.model_id, parts.config.architecture,
-                dtype, seconds)
+    logger.info("loaded %s (%s, %s, quantization %s) in %.2f s", parts.model_id,
+                parts.config.architecture, dtype, quant.scheme, seconds)
     return LoadedModel(model, parts.config, tokenizer, parts.model_id, parts.model_version,
-                       seconds)
+                       seconds, quant)

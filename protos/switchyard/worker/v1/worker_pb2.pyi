@@ -89,7 +89,7 @@ class WatchLoadRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
-    __slots__ = ("worker_id", "model_id", "tier", "num_running", "num_waiting", "max_waiting", "max_running", "kv_blocks_free", "kv_blocks_total", "kv_block_size", "max_context_tokens", "serving", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "timestamp_unix_ms")
+    __slots__ = ("worker_id", "model_id", "tier", "num_running", "num_waiting", "max_waiting", "max_running", "kv_blocks_free", "kv_blocks_total", "kv_block_size", "max_context_tokens", "serving", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "timestamp_unix_ms", "quantization")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class Load(_message.Message):
     PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model_id: str
     tier: _common_pb2.Tier
@@ -120,4 +121,5 @@ class Load(_message.Message):
     prefix_cache_hit_tokens: int
     prefix_cache_query_tokens: int
     timestamp_unix_ms: float
-    def __init__(self, worker_id: _Optional[str] = ..., model_id: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_running: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., serving: _Optional[bool] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., timestamp_unix_ms: _Optional[float] = ...) -> None: ...
+    quantization: _common_pb2.Quantization
+    def __init__(self, worker_id: _Optional[str] = ..., model_id: _Optional[str] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., max_waiting: _Optional[int] = ..., max_running: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., serving: _Optional[bool] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., timestamp_unix_ms: _Optional[float] = ..., quantization: _Optional[_Union[_common_pb2.Quantization, str]] = ...) -> None: ...
