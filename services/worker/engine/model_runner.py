@@ -98,6 +98,10 @@ class ModelRunner:
         self.kv_caches = list(self._kv.unbind(0))
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
                     self.block_size, self.num_blocks * per_block / 2**20)
+        if self.device.type == "cuda":
+            # Registers "triton" (priority 20, CUDA only); imported here so CPU workers never
+            # need triton importable.
+            from services.worker.kernels import attention_backend  # noqa: F401
         self.attention_backend = attention_backend or select_backend(self.device, self.kv_dtype)
         self._attention = get_backend(self.attention_backend)
         logger.info("attention backend: %s", self.attention_backend)

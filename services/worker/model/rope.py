@@ -92,6 +92,10 @@ class RotaryEmbedding(nn.Module):
         """Rotates every head of x: [T, H, D] -> [T, H, D]. Callers rotate q and k heads in one
         call where they sit side by side (half the small ops of two calls)."""
         cos, sin = cos_sin
+        if x.is_cuda and self.rotary_dim == self.head_dim:  # Triton, in place on the q|k view
+            from services.worker.kernels.rope import rotate_heads
+
+            return rotate_heads(x, cos[:, 0], sin[:, 0])
         return _rotate(x, cos, sin, self.rotary_dim)
 
 
