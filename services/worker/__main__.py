@@ -30,6 +30,7 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", help="cpu (default), cuda or cuda:<index>")
     p.add_argument("--quantization", choices=SCHEME_NAMES,
                    help="weight-only quantization of the linears (default none)")
     p.add_argument("--threads", type=int)

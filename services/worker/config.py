@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from services.common.telemetry import TracingConfig
@@ -27,6 +28,8 @@ class WorkerConfig:
     """gRPC port; 0 picks a free one (printed at start)."""
     dtype: str = "float32"
     """Weight and KV dtype. float32 is fastest on AVX2-only CPUs."""
+    device: str = "cpu"
+    """Where the model runs: "cpu", "cuda" or "cuda:<index>" (Triton kernels on CUDA)."""
     quantization: str = "none"
     """Weight-only quantization of the linears: none, int8 (per channel, GPTQ-rounded at load) or
     int4 (group 32 with zero points; GGUF Q4_1 loads as is). The quantized tier is this same
@@ -54,6 +57,8 @@ class WorkerConfig:
             raise ValueError(f"tier must be one of {TIER_NAMES}, got {self.tier!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:<index>, got {self.device!r}")
         if self.quantization not in SCHEME_NAMES:
             raise ValueError(f"quantization must be one of {SCHEME_NAMES}, got "
                              f"{self.quantization!r}")

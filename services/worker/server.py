@@ -43,8 +43,11 @@ def resolve_model(model: str) -> Path:
 
 
 def build_engine(config: WorkerConfig) -> LLMEngine:
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {config.device!r} requested, but this torch build sees no "
+                           "CUDA device")
     loaded = load_model(resolve_model(config.model), dtype=getattr(torch, config.dtype),
-                        quantization=config.quantization)
+                        device=config.device, quantization=config.quantization)
     max_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                   loaded.config.max_position_embeddings)
     sched = SchedulerConfig(max_model_len=max_len, max_num_seqs=config.max_num_seqs,
@@ -133,7 +136,20 @@ class WorkerServer:
         await self.start()
         print(f"worker listening on {self.config.host}:{self.port} (loading model)", flush=True)
         load = asyncio.create_task(self.load())
+        failure: list[BaseException] = []
+
+        def loaded(task: asyncio.Task) -> None:
+            # A worker that cannot load must exit (non-zero) so its supervisor restarts or
+            # reports it, instead of staying NOT_SERVING forever.
+            if not task.cancelled() and task.exception() is not None:
+                failure.append(task.exception())
+                logger.error("model load failed: %s", task.exception())
+                self.stopping.set()
+
+        load.add_done_callback(loaded)
         await self.stopping.wait()
         if not load.done():
             load.cancel()
         await self.drain_and_stop()
+        if failure:
+            raise SystemExit(1)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import grpc
+import pytest
 from switchyard.common.v1 import common_pb2
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -50,3 +51,18 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_worker_that_cannot_load_exits_nonzero(tiny_model_dir):
+    """--device cuda on a machine without CUDA: a clear error and exit status 1, not a worker
+    stuck in NOT_SERVING."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda loads")
+    env = dict(os.environ, OMP_NUM_THREADS="1", SWITCHYARD_LOG_LEVEL="WARNING")
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.worker", "--model", str(tiny_model_dir), "--port", "0",
+         "--device", "cuda"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "sees no CUDA device" in proc.stdout + proc.stderr
