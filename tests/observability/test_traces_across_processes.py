@@ -282,8 +282,10 @@ def test_http_traceparent_is_honoured(cluster):
                  "traceparent": f"00-{trace_id}-{parent_id}-01"})
     answer = json.loads(urllib.request.urlopen(req, timeout=60).read())
     assert answer["usage"]["completion_tokens"] >= 1
-    spans = receiver.wait_for(lambda spans: any(
-        s["trace_id"] == trace_id and s["name"] == "worker.Generate" for s in spans))
+    # The router's span ends after the response is sent, so it may be exported after the
+    # worker's: wait for both.
+    spans = receiver.wait_for(lambda spans: {"worker.Generate", "router.request"} <= {
+        s["name"] for s in spans if s["trace_id"] == trace_id})
     root = next(s for s in spans if s["trace_id"] == trace_id and s["name"] == "router.request")
     assert root["parent_id"] == parent_id
     assert root["attributes"]["switchyard.api"] == "openai"
