@@ -19,7 +19,10 @@ from services.cache.metrics import CacheMetrics
 from services.cache.servicer import CacheServicer
 from services.cache.store import RedisStore
 from services.cache.sync import IndexSync
+from services.common.grpc_options import server_options
+from services.common.health_port import sync_health_server
 from services.common.telemetry import Telemetry
+from services.common.tls import add_port
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,8 @@ class CacheServer:
         self.telemetry = Telemetry(config.tracing())
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_workers,
-                                                             thread_name_prefix="cache-rpc"))
+                                                             thread_name_prefix="cache-rpc"),
+                                  options=server_options())
         cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.replica.cache,
                                                                         self.telemetry.tracer),
                                                           self.server)
@@ -79,9 +83,15 @@ class CacheServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = add_port(self.server, f"{config.host}:{config.port}", config.tls(), "tls_")
         if self.port == 0:
             raise RuntimeError(f"cannot bind {config.host}:{config.port}")
+        self.health_server: grpc.Server | None = None
+        self.health_port: int | None = None
+        """The plaintext health-only port (config.health_port), once bound."""
+        if config.health_port is not None:
+            self.health_server, self.health_port = sync_health_server(
+                self.health, f"{config.host}:{config.health_port}")
 
     def _set_health(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
@@ -96,6 +106,8 @@ class CacheServer:
         if self.config.metrics_port:
             self.replica.metrics.serve_http(self.config.metrics_port)
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         self._set_health(True)
         logger.info("cache serving on %s:%d (redis %s, %d vectors indexed)", self.config.host,
                     self.port, self.config.redis_url, len(self.replica.index))
@@ -105,6 +117,8 @@ class CacheServer:
         """Stops serving (in-flight RPCs get `grace_s`) and the replica."""
         self._set_health(False)
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:  # last: probes see NOT_SERVING until the end
+            self.health_server.stop(None).wait()
         self.replica.stop()
         self.telemetry.shutdown()
 

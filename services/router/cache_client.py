@@ -18,6 +18,7 @@ import grpc
 from opentelemetry.trace import SpanKind
 from switchyard.cache.v1 import cache_pb2, cache_pb2_grpc
 
+from services.common.grpc_options import Keepalive, channel_options
 from services.router import convert
 from services.router.config import CacheClientConfig
 from services.router.domain import (
@@ -78,9 +79,10 @@ def deterministic(req: GenerateRequest) -> bool:
 
 
 class CacheClient:
-    def __init__(self, config: CacheClientConfig):
+    def __init__(self, config: CacheClientConfig, keepalive: Keepalive | None = None):
         self.config = config
-        self.channel = grpc.aio.insecure_channel(config.target)
+        self.channel = grpc.aio.insecure_channel(config.target,
+                                                 options=channel_options(keepalive))
         self.stub = cache_pb2_grpc.CacheServiceStub(self.channel)
         self._stores: set[asyncio.Task] = set()
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from services.common.grpc_options import MIN_PING_INTERVAL_MS, Keepalive
 from services.common.telemetry import TracingConfig
 from services.router.classifier.model import Thresholds
 from services.router.domain import Tier
@@ -201,6 +202,18 @@ class HealthConfig:
     """First probe delay after an ejection; doubles per failed probe up to max_probe_interval_s."""
     max_probe_interval_s: float = 5.0
     probe_timeout_s: float = 1.0
+    load_stale_after_s: float = 5.0
+    """A replica whose WatchLoad stream sends nothing for this long is ejected (a frozen or
+    partitioned worker keeps its TCP connection open but stops answering). Requests waiting
+    for its first message move to another replica."""
+    keepalive_time_s: float = 10.0
+    """HTTP/2 ping interval on worker and cache channels (>= 1 s, the servers' minimum)."""
+    keepalive_timeout_s: float = 5.0
+    """A ping unanswered this long closes the channel: calls on it fail with UNAVAILABLE."""
+
+    @property
+    def keepalive(self) -> Keepalive:
+        return Keepalive(self.keepalive_time_s, self.keepalive_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,10 @@ class RouterConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
     max_attempts: int = 3
     """Dispatch attempts per request (replica retries and tier fallbacks together)."""
+    max_in_flight: int = 1024
+    """Requests the router holds at once (all tenants); past it new ones are refused at
+    once with RESOURCE_EXHAUSTED / HTTP 429, which bounds the router's memory under overload.
+    Size it above the tiers' total capacity (replicas x (max_num_seqs + max_waiting))."""
     request_timeout_s: float = 300.0
     """Deadline of requests that bring none; also caps the ones that do."""
     trust_tenant_field: bool = False
@@ -251,6 +268,8 @@ class RouterConfig:
             raise ConfigError("tenants: at least one tenant is required")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts: must be >= 1, got {self.max_attempts}")
+        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight: must be an integer >= 1, got {self.max_in_flight!r}")
         _positive("request_timeout_s", self.request_timeout_s)
         seen: dict[str, str] = {}
         for t in self.tenants:
@@ -279,8 +298,15 @@ class RouterConfig:
         for name in ("waiting_weight", "kv_weight", "affinity_slack"):
             _positive(f"balancer.{name}", getattr(b, name), allow_zero=True)
         h = self.health
-        for name in ("probe_interval_s", "max_probe_interval_s", "probe_timeout_s"):
+        for name in ("probe_interval_s", "max_probe_interval_s", "probe_timeout_s",
+                     "load_stale_after_s", "keepalive_time_s", "keepalive_timeout_s"):
             _positive(f"health.{name}", getattr(h, name))
+        if h.load_stale_after_s * 1000 < 2 * b.load_interval_ms:
+            raise ConfigError(f"health.load_stale_after_s: must be at least two load intervals "
+                              f"({2 * b.load_interval_ms / 1000} s), got {h.load_stale_after_s}")
+        if h.keepalive_time_s * 1000 < MIN_PING_INTERVAL_MS:
+            raise ConfigError(f"health.keepalive_time_s: must be >= {MIN_PING_INTERVAL_MS / 1000}"
+                              f" (the servers' minimum ping interval), got {h.keepalive_time_s}")
         if self.cache is not None:
             _positive("cache.timeout_ms", self.cache.timeout_ms)
 

@@ -9,6 +9,7 @@ cancels the worker call, which aborts the request on the worker and frees its KV
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -95,6 +96,26 @@ def _end(span, error: BaseException | None) -> None:
     span.end()
 
 
+async def _first_message(call, replica: Replica):
+    """The call's first message; UNAVAILABLE when the replica is ejected meanwhile (a frozen
+    worker accepts calls but never answers: its load stream going stale ejects it, and the
+    request moves on instead of waiting for its deadline)."""
+    read = asyncio.ensure_future(call.read())
+    ejected = replica.ejected_signal()
+    try:
+        await asyncio.wait((read, ejected), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        read.cancel()
+        raise
+    if read.done():
+        return read.result()
+    read.cancel()
+    raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                               grpc.aio.Metadata(),
+                               f"replica ejected while waiting for its first message: "
+                               f"{ejected.result()}")
+
+
 class Dispatcher:
     def __init__(self, balancer: Balancer, max_attempts: int):
         self.balancer = balancer
@@ -135,7 +156,7 @@ class Dispatcher:
                     metadata=RequestTrace.metadata(span) if span else None)
                 replica.in_flight += 1
                 try:
-                    first = await call.read()
+                    first = await _first_message(call, replica)
                     if first is not grpc.aio.EOF and first.WhichOneof("kind") == "error":
                         e = first.error
                         raise grpc.aio.AioRpcError(_status_of(e), grpc.aio.Metadata(),

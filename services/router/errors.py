@@ -76,12 +76,16 @@ class RateLimited(RouterError):
         self.retry_after_s = retry_after_s
 
 
-class Overloaded(RouterError):
-    """Every replica that could serve the request refused it as full."""
+class Overloaded(RateLimited):
+    """The cluster is past its capacity: every replica that could serve the request refused it
+    as full, or the router itself is at max_in_flight. Like a tenant limit it is refused early
+    with RESOURCE_EXHAUSTED / HTTP 429 and a retry hint (gRPC trailing metadata `retry-after`,
+    HTTP header Retry-After), so clients back off instead of piling on."""
 
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 503
     openai_code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, limit: str = "capacity"):
+        super().__init__(limit, message, retry_after_s)
 
 
 class DeadlineExceeded(RouterError):

@@ -19,12 +19,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
+from services.common.grpc_options import channel_options
 from services.router.config import BalancerConfig, HealthConfig, RouterConfig
 from services.router.domain import Tier
 
 logger = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,8 @@ class Replica:
         self.tier = tier
         self.balancer = balancer
         self.health_cfg = health
-        self.channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.channel = grpc.aio.insecure_channel(address,
+                                                 options=channel_options(health.keepalive))
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.load: LoadSnapshot | None = None
@@ -68,6 +66,9 @@ class Replica:
         self._task: asyncio.Task | None = None
         self._on_change = on_change or (lambda r: None)
         self.ejections = 0
+        self._ejected_signal: asyncio.Future | None = None
+        self.last_snapshot_at: float | None = None
+        """time.monotonic() of the last load snapshot."""
 
     @property
     def name(self) -> str:
@@ -103,14 +104,26 @@ class Replica:
                 await self._task
         await self.channel.close(grace=None)
 
+    def ejected_signal(self) -> asyncio.Future:
+        """A future that completes when the replica is next ejected (shared by waiters; never
+        cancel it). Dispatch races a call's first message against it."""
+        if self._ejected_signal is None or self._ejected_signal.done():
+            self._ejected_signal = asyncio.get_running_loop().create_future()
+        return self._ejected_signal
+
+    def _mark_ejected(self, why: str) -> None:
+        self.ejected = True
+        self.ejections += 1
+        logger.warning("ejecting replica %s (%s tier): %s", self.name, self.tier.label, why)
+        if self._ejected_signal is not None and not self._ejected_signal.done():
+            self._ejected_signal.set_result(why)
+        self._on_change(self)
+
     def eject(self, why: str) -> None:
         """Takes the replica out of rotation until a health probe brings it back."""
         if self.ejected:
             return
-        self.ejected = True
-        self.ejections += 1
-        logger.warning("ejecting replica %s (%s tier): %s", self.name, self.tier.label, why)
-        self._on_change(self)
+        self._mark_ejected(why)
         if self._task is not None:
             self._task.cancel()  # the run loop restarts in probing mode
             self._task = asyncio.create_task(self._run(), name=f"replica {self.address}")
@@ -118,6 +131,7 @@ class Replica:
     def _on_snapshot(self, load: LoadSnapshot) -> None:
         was = self.available
         self.load = load
+        self.last_snapshot_at = time.monotonic()
         self._in_flight_at_snapshot = self.in_flight
         if was != self.available:
             self._on_change(self)
@@ -136,10 +150,7 @@ class Replica:
             why = await self._watch()
             # The stream ended: the worker went away, is shutting down, or never answered.
             if not self.ejected:
-                self.ejected = True
-                self.ejections += 1
-                logger.warning("replica %s ejected: %s", self.name, why)
-                self._on_change(self)
+                self._mark_ejected(why)
 
     async def _probe(self) -> bool:
         try:
@@ -153,9 +164,13 @@ class Replica:
         """Follows WatchLoad until it ends; returns why it ended."""
         call = self.stub.WatchLoad(worker_pb2.WatchLoadRequest(
             interval_ms=self.balancer.load_interval_ms))
+        stale_s = self.health_cfg.load_stale_after_s
         try:
             while True:
-                msg = await call.read()
+                try:
+                    msg = await asyncio.wait_for(call.read(), stale_s)
+                except asyncio.TimeoutError:
+                    return f"no load snapshot for {stale_s:g} s (worker frozen or unreachable)"
                 if msg is grpc.aio.EOF:
                     return "load stream ended (worker shutting down)"
                 self._on_snapshot(LoadSnapshot.from_pb(msg))

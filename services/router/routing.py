@@ -31,7 +31,7 @@ from services.router.domain import (
     Timings,
     Usage,
 )
-from services.router.errors import PermissionDenied, RateLimited, RouterError
+from services.router.errors import Overloaded, PermissionDenied, RateLimited, RouterError
 from services.router.limits import Limits, estimate_prompt_tokens
 from services.router.metrics import RouterMetrics
 from services.router.slo import Latency, meets
@@ -75,6 +75,8 @@ class Router:
         self.executor = executor
         self.tracer = tracer
         self.tenants = {t.name: t for t in config.tenants}
+        self.in_flight = 0
+        """Requests inside `generate` now (every tenant, API and stage)."""
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Event]:
         clock = _Clock(time.monotonic())
@@ -83,6 +85,14 @@ class Router:
         outcome = "error"
         final: Final | None = None
         error: BaseException | None = None
+        if self.in_flight >= self.config.max_in_flight:
+            self.metrics.rejections.labels("max_in_flight").inc()
+            self.metrics.requests.labels(req.api, "Overloaded").inc()
+            exc = Overloaded(f"the router has {self.in_flight} requests in flight; limit "
+                             f"max_in_flight={self.config.max_in_flight}", limit="max_in_flight")
+            tr.finish(route, None, exc)
+            raise exc
+        self.in_flight += 1
         try:
             async for event in self._generate(req, clock, route, tr):
                 if isinstance(event, Final):
@@ -91,6 +101,8 @@ class Router:
             outcome = "ok"
         except RouterError as exc:
             outcome, error = type(exc).__name__, exc
+            if isinstance(exc, Overloaded):
+                self.metrics.rejections.labels(exc.limit).inc()
             raise
         except (asyncio.CancelledError, GeneratorExit) as exc:
             outcome, error = "cancelled", exc
@@ -99,6 +111,7 @@ class Router:
             error = exc
             raise
         finally:
+            self.in_flight -= 1
             self.metrics.requests.labels(req.api, outcome).inc()
             tr.finish(route, final, error)
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from switchyard.router.v1 import router_pb2, router_pb2_grpc
 
+from services.common.grpc_options import server_options
 from services.common.telemetry import Telemetry
 from services.router.auth import Authenticator
 from services.router.balancer import Balancer
@@ -78,12 +79,12 @@ class RouterServer:
         cfg = self.config
         self.pool = ReplicaPool(cfg, self._on_replica_change)
         self.pool.start()
-        self.cache = CacheClient(cfg.cache) if cfg.cache is not None else None
+        self.cache = CacheClient(cfg.cache, cfg.health.keepalive) if cfg.cache is not None else None
         self.router = Router(cfg, Dispatcher(Balancer(self.pool, cfg.balancer), cfg.max_attempts),
                              self.cache, self.classifier, Limits(list(cfg.tenants)),
                              self.metrics, self.executor, self.telemetry.tracer)
 
-        self.grpc_server = grpc.aio.server()
+        self.grpc_server = grpc.aio.server(options=server_options())
         router_pb2_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(self.router, self.auth, cfg, self.metrics), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

@@ -71,8 +71,10 @@ class Worker:
     """
 
     def __init__(self, model: str, worker_id: str, tier: str = "small", port: int = 0,
-                 tmp: Path | None = None):
+                 tmp: Path | None = None, extra_args: tuple[str, ...] = ()):
+        """`extra_args`: more `python -m services.worker` flags (later ones win)."""
         self.model, self.worker_id, self.tier = model, worker_id, tier
+        self.extra_args = extra_args
         config = (tmp or Path("/tmp")) / f"worker-{worker_id}-{uuid.uuid4().hex[:6]}.yaml"
         # WatchLoad every 50 ms (the CLI has no flag for it; a --config file does).
         config.write_text("load_interval_ms: 50\nmin_load_interval_ms: 20\n")
@@ -91,7 +93,8 @@ class Worker:
             [sys.executable, "-m", "services.worker", "--config", str(self.config_path),
              "--model", self.model, "--tier", self.tier, "--worker-id", self.worker_id,
              "--port", str(self.port), "--threads", "1", "--max-model-len", "1024",
-             "--block-size", "16", "--num-kv-blocks", "256", "--drain-timeout-s", "2"],
+             "--block-size", "16", "--num-kv-blocks", "256", "--drain-timeout-s", "2",
+             *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         line = self.proc.stdout.readline()
         assert "listening on" in line, line

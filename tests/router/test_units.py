@@ -44,6 +44,11 @@ def _config(**changes) -> RouterConfig:
      "tenants.a: unknown key(s) ['colour']"),
     ({"balancer": {"affinity_slack": -1}}, "balancer.affinity_slack: must be a number >= 0"),
     ({"grpc_port": 70000}, "grpc_port: must be in [0, 65535], got 70000"),
+    ({"max_in_flight": 0}, "max_in_flight: must be an integer >= 1, got 0"),
+    ({"health": {"load_stale_after_s": 0.1}},
+     "health.load_stale_after_s: must be at least two load intervals (0.2 s), got 0.1"),
+    ({"health": {"keepalive_time_s": 0.5}}, "health.keepalive_time_s: must be >= 1.0"),
+    ({"health": {"keepalive_timeout_s": -1}}, "health.keepalive_timeout_s: must be a number > 0"),
 ])
 def test_config_errors_name_the_bad_value(data, message):
     with pytest.raises(ConfigError) as info:
