@@ -74,6 +74,9 @@ class DecodeRows:
     seq_lens: torch.Tensor
     block_size: int
     mask_dtype: torch.dtype
+    all_rows: bool = False
+    """Every row of the step is a decode, in order (token_idx == arange(Bd)): backends may
+    skip the gather and scatter."""
 
 
 @dataclass
@@ -114,6 +117,7 @@ def plan_decode(meta: AttentionMetadata, block_size: int,
         seq_lens=torch.tensor([meta.seq_lens[i] for i in rows], device=dev),
         block_size=block_size,
         mask_dtype=dtype,
+        all_rows=len(rows) == meta.num_seqs and qsl[-1] == len(rows),
     )
 
 
@@ -283,6 +287,9 @@ class TorchAttention:
     """Reference backend: SDPA over K/V gathered from the paged cache; decode rows batched in a
     few length-bucketed calls, other sequences (prefill chunks) one call each."""
 
+    write_kv = staticmethod(write_kv)
+    """Scatters the step's new K/V rows into the cache (backends may override)."""
+
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, out: torch.Tensor) -> None:
         """Writes the attention of every decode row of `meta.decode_rows` into `out`."""
@@ -292,7 +299,7 @@ class TorchAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         if kv_cache is not None:
-            write_kv(kv_cache, k, v, meta.slot_mapping)
+            self.write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         batched: set[int] = set()
         if kv_cache is not None and meta.decode_rows is not None:

@@ -25,9 +25,15 @@ def _supports(device: torch.device, dtype: torch.dtype) -> bool:
 class CpuAttention(TorchAttention):
     """TorchAttention whose decode rows run in one native paged-attention call per layer."""
 
+    write_kv = staticmethod(native.write_kv)
+
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, out: torch.Tensor) -> None:
         dr = meta.decode_rows
+        if dr.all_rows:  # a decode-only step: rows are the batch, in order; no gather/scatter
+            native.paged_decode_attention(q.contiguous(), kv_cache[0], kv_cache[1],
+                                          dr.block_tables, dr.seq_lens, scale, out=out)
+            return
         qd = q.index_select(0, dr.token_idx)  # [Bd, Hq, D], contiguous
         res = native.paged_decode_attention(qd, kv_cache[0], kv_cache[1], dr.block_tables,
                                             dr.seq_lens, scale)

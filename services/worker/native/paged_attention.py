@@ -33,6 +33,19 @@ def _kernel():
     return _fn
 
 
+_write = None
+
+
+def _writer():
+    global _write
+    if _write is None:
+        fn = load("paged_attention").paged_kv_write_f32
+        fn.restype = None
+        fn.argtypes = [_PTR] * 5 + [_I64] * 2
+        _write = fn
+    return _write
+
+
 def available() -> bool:
     """True when the kernel is built and loadable here (tried once per process)."""
     global _state
@@ -47,14 +60,37 @@ def available() -> bool:
         return _state
 
 
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatters new K/V rows into the paged cache, as attention.write_kv does.
+
+    kv_cache: [2, NB, BS, Hkv, D] float32 contiguous; k, v: [T, Hkv, D] float32;
+    slot_mapping: [T] int64 flat slots in [0, NB * BS) (checked: a bad slot would write out of
+    bounds).
+    """
+    _, nb, bs, hkv, d = kv_cache.shape
+    t = slot_mapping.shape[0]
+    assert kv_cache.dtype == k.dtype == v.dtype == torch.float32, "float32 only"
+    assert kv_cache.is_contiguous() and slot_mapping.dtype == torch.int64
+    assert k.shape == v.shape == (t, hkv, d), (k.shape, v.shape, kv_cache.shape)
+    if t == 0:
+        return
+    lo, hi = torch.aminmax(slot_mapping)
+    if int(lo) < 0 or int(hi) >= nb * bs:
+        raise IndexError(f"slot_mapping out of range [0, {nb * bs}): {int(lo)}..{int(hi)}")
+    k, v = k.contiguous(), v.contiguous()
+    _writer()(kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), k.data_ptr(), v.data_ptr(),
+              slot_mapping.data_ptr(), t, hkv * d)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence over its paged K/V.
 
     q: [B, Hq, D] float32; k_cache, v_cache: [NB, BS, Hkv, D] float32 (one layer's halves);
     block_tables: [B, max_blocks] int64; seq_lens: [B] int64, each in [1, max_blocks * BS].
-    Returns [B, Hq, D]. Block ids and lengths are trusted (the runner builds them), so they are
+    Returns [B, Hq, D] (`out` when given: contiguous, q's shape and dtype). Block ids and lengths are trusted (the runner builds them), so they are
     not re-checked element by element here; the reference test covers their meaning.
     """
     b, hq, d = q.shape
@@ -67,7 +103,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert block_tables.dim() == 2 and block_tables.shape[0] == b and seq_lens.shape == (b,)
     for t in (q, k_cache, v_cache, block_tables, seq_lens):
         assert t.is_contiguous(), "kernel inputs must be contiguous"
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     rc = _kernel()(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                    block_tables.data_ptr(), seq_lens.data_ptr(), b, hq, hkv, d, bs,
                    block_tables.shape[1], float(scale), torch.get_num_threads())

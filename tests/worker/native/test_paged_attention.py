@@ -123,3 +123,35 @@ def test_build_error_is_clear(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(build.NativeBuildError, match="does not run"):
         build.build("paged_attention")
+
+
+def test_kv_write_matches_index_copy_and_checks_slots():
+    from services.worker.model.attention import write_kv as torch_write_kv
+
+    gen = torch.Generator().manual_seed(7)
+    cache = torch.randn(2, 6, 4, 3, 8, generator=gen)  # [2, NB, BS, Hkv, D]
+    k, v = torch.randn(5, 3, 8, generator=gen), torch.randn(5, 3, 8, generator=gen)
+    slots = torch.tensor([0, 23, 7, 8, 12])  # first, last, a block edge, scattered
+    expected = cache.clone()
+    torch_write_kv(expected, k, v, slots)
+    pa.write_kv(cache, k, v, slots)
+    assert torch.equal(cache, expected)
+    # A non-contiguous source (a slice of the fused qkv output) is written the same way.
+    wide = torch.randn(5, 6, 8, generator=gen)
+    pa.write_kv(cache, wide[:, :3], wide[:, 3:], slots)
+    torch_write_kv(expected, wide[:, :3], wide[:, 3:], slots)
+    assert torch.equal(cache, expected)
+    for bad in ([0, 24], [-1, 3]):
+        with pytest.raises(IndexError, match="slot_mapping out of range"):
+            pa.write_kv(cache, k[:2], v[:2], torch.tensor(bad))
+    assert torch.equal(cache, expected)  # nothing written by the refused calls
+
+
+def test_decode_into_out_matches():
+    gen = torch.Generator().manual_seed(3)
+    q, kc, vc, tables, lens = _case(gen, 6, 9, 3, 64, 16, 4)
+    out = torch.empty_like(q)
+    res = pa.paged_decode_attention(q, kc, vc, tables, lens, 0.125, out=out)
+    assert res is out
+    torch.testing.assert_close(out, pa.paged_decode_attention_ref(q, kc, vc, tables, lens,
+                                                                   0.125), rtol=1e-5, atol=2e-6)
