@@ -18,8 +18,12 @@ carries `model_name` (as vLLM does) plus `tier`:
 | request_prefill_time_seconds / _decode_time_seconds | same            | histogram |
 
 Ours only: `recomputed_tokens` (prompt and output tokens computed again after a preemption),
-`aborted_requests` and `aborted_generation_tokens` (tokens generated for requests that were
-then aborted: wasted compute). Engine-side counts are read from the engine at scrape time
+and the wasted compute of requests aborted before they finished (client cancel, router cancel,
+Abort RPC, drain): `aborted_requests`, `aborted_prompt_tokens` (their prefill tokens computed,
+like `prompt_tokens`: prefix-cache hits excluded, recompute included) and
+`aborted_generation_tokens` (their output tokens generated). A request that finished in the
+engine before its abort landed counts as finished, not wasted, even if its client never read
+the end. Engine-side counts are read from the engine at scrape time
 (a custom collector), so the engine thread never touches Prometheus objects; request histograms
 are observed on the gRPC side as each request streams and ends. Histogram edges include the
 SLO thresholds the router uses by default (TTFT 0.5/1/2.5 s, TPOT 0.05/0.1/0.2 s).
@@ -143,6 +147,8 @@ class _EngineCollector:
                             st.recomputed_tokens)
         yield self._counter("aborted_requests", "Requests aborted (client cancel, deadline, "
                             "Abort RPC).", st.aborted_requests)
+        yield self._counter("aborted_prompt_tokens", "Prefill tokens computed for requests "
+                            "that were then aborted (wasted compute).", st.aborted_prefill_tokens)
         yield self._counter("aborted_generation_tokens", "Tokens generated for requests that "
                             "were then aborted (wasted compute).", st.aborted_generated_tokens)
         yield self._counter("engine_steps", "Engine steps run.", st.steps)

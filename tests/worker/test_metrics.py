@@ -82,3 +82,69 @@ def test_no_engine_yet_exports_only_request_metrics():
     text = generate_latest(metrics.registry).decode()
     assert "switchyard_worker_num_requests_running" not in text
     assert "switchyard_worker_time_to_first_token_seconds" in text
+
+
+def test_prefill_and_wasted_compute_are_exact(loaded):
+    """`prompt_tokens` counts prefill positions only (decode steps are generation), and the
+    aborted_* counters count exactly the work done for requests aborted before finishing: a
+    prefix-cache hit is not work, a request aborted while waiting did none, and an abort that
+    lands after the request finished is no abort at all."""
+    engine = LLMEngine(loaded, CacheConfig(block_size=16, num_blocks=64,
+                                           enable_prefix_caching=True),
+                       SchedulerConfig(max_model_len=512, max_num_batched_tokens=256))
+    metrics = WorkerMetrics("tiny", "small", lambda: engine)
+    long = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+
+    def run_until(rid: str, outputs: int) -> None:
+        made = 0
+        while made < outputs:
+            made += sum(len(ev.token_ids) for ev in engine.step() if ev.request_id == rid)
+
+    prompt_a = list(range(100, 140))  # 40 tokens: two full blocks, then 8
+    engine.add_request("a", prompt_a, long)
+    run_until("a", 3)
+    assert engine.abort("a").completion.completion_tokens == 3
+    # "b" shares a's two full blocks (freed by the abort, still cached): 8 tokens to compute.
+    engine.add_request("b", prompt_a[:32] + list(range(500, 508)), long)
+    run_until("b", 2)
+    events = engine.abort("b").completion.events
+    assert events[-1].attributes == {"generated_tokens": 2, "prefill_tokens": 8}
+    engine.add_request("c", [1, 2, 3], long)
+    assert engine.abort("c") is not None  # never scheduled: no work wasted
+    engine.add_request("d", [7, 8, 9, 10, 11], SamplingParams(temperature=0.0, max_tokens=2,
+                                                              ignore_eos=True))
+    while engine.has_unfinished:
+        engine.step()
+    assert engine.abort("d") is None  # finished first: not wasted
+
+    s = _samples(metrics)
+    assert s[("switchyard_worker_prompt_tokens_total", ())] == 40 + 8 + 5
+    assert s[("switchyard_worker_generation_tokens_total", ())] == 3 + 2 + 2
+    assert s[("switchyard_worker_aborted_requests_total", ())] == 3
+    assert s[("switchyard_worker_aborted_prompt_tokens_total", ())] == 40 + 8
+    assert s[("switchyard_worker_aborted_generation_tokens_total", ())] == 3 + 2
+
+
+def test_wasted_prefill_includes_recompute_after_preemption(loaded):
+    """A request preempted and then aborted wasted its first prefill and the recompute."""
+    engine = LLMEngine(loaded, CacheConfig(block_size=16, num_blocks=8,
+                                           enable_prefix_caching=False),
+                       SchedulerConfig(max_model_len=512, max_num_batched_tokens=256))
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    engine.add_request("a", list(range(100, 160)), params)  # 60 + 60 tokens need all 8 blocks
+    engine.add_request("b", list(range(200, 260)), params)
+    preempted = False
+    while not preempted:
+        engine.step()
+        preempted = engine.stats.preemptions > 0
+    victim = "b"  # the newest running request is preempted first
+    while engine.scheduler.get_request(victim).num_computed_tokens == 0:
+        engine.step()  # resumes once "a" is done, computing its prompt and outputs again
+    req = engine.scheduler.get_request(victim)
+    outputs = req.num_output_tokens
+    computed = req.num_computed_tokens
+    event = engine.abort(victim)
+    assert event.completion.recomputed_tokens > 0
+    # Prefill: the first 60, then (on resume) every known token but the last, which decodes.
+    assert engine.stats.aborted_prefill_tokens == 60 + (computed - 1)
+    assert engine.stats.aborted_generated_tokens == outputs

@@ -33,7 +33,9 @@ class EngineStats:
     generation_tokens: int = 0
     preemptions: int = 0
     aborted_requests: int = 0
-    aborted_generated_tokens: int = 0  # tokens generated for requests later aborted (waste)
+    # Wasted compute: work done for requests that were then aborted (not finished).
+    aborted_prefill_tokens: int = 0  # their prefill tokens computed (recompute included)
+    aborted_generated_tokens: int = 0  # their output tokens generated
     recomputed_tokens: int = 0  # recomputed after preemption; counted when the request ends
 
 
@@ -73,9 +75,10 @@ class LLMEngine:
         request = self.scheduler.get_request(request_id)
         if request is None or not self.scheduler.abort(request_id):
             return None
-        self.stats.aborted_requests += 1
-        self.stats.aborted_generated_tokens += request.num_output_tokens
         stream = self._streams.pop(request_id)
+        self.stats.aborted_requests += 1
+        self.stats.aborted_prefill_tokens += stream.prefill_tokens
+        self.stats.aborted_generated_tokens += request.num_output_tokens
         event = stream.finish(RequestStatus.FINISHED_ABORTED, None, self.clock())
         self.stats.recomputed_tokens += event.completion.recomputed_tokens
         return event
@@ -88,7 +91,8 @@ class LLMEngine:
         so = self.scheduler.schedule()
         now = self.clock()
         for s in so.scheduled:
-            self._streams[s.request_id].mark_scheduled(
+            # Before the update: it grows num_tokens, and the prefill split depends on it.
+            self.stats.prompt_tokens_computed += self._streams[s.request_id].mark_scheduled(
                 s.start_position, s.num_new_tokens, s.request.num_tokens, now)
         for rid in so.preempted_request_ids:
             request = self.scheduler.get_request(rid)
@@ -103,11 +107,6 @@ class LLMEngine:
         st.steps += 1
         st.preemptions += len(so.preempted_request_ids)
         st.generation_tokens += len(model_output.sampled_token_ids)
-        for s in so.scheduled:
-            # Tokens before the prompt's end are prefill (a preempted request recomputes its
-            # outputs too: those count as prefill work).
-            prefill_end = max(s.request.num_tokens - 1, s.request.num_prompt_tokens)
-            st.prompt_tokens_computed += max(0, min(s.end_position, prefill_end) - s.start_position)
 
     def _process(self, outputs) -> list[StreamEvent]:
         now = self.clock()

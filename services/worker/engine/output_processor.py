@@ -44,7 +44,7 @@ EVENT_FIRST_TOKEN = "first_token"
 EVENT_PREEMPTED = "preempted"  # computed_tokens whose KV was dropped
 EVENT_RESUMED = "resumed"  # prefix_hit_tokens, recomputed_tokens
 EVENT_FINISHED = "finished"  # finish_status
-EVENT_ABORTED = "aborted"
+EVENT_ABORTED = "aborted"  # generated_tokens, prefill_tokens (the wasted compute)
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,7 @@ class RequestStream:
     num_preemptions: int = 0
     lost_tokens: int = 0  # computed tokens dropped by the last preemption (0: not preempted)
     recomputed_tokens: int = 0
+    prefill_tokens: int = 0  # prompt (and recomputed) positions run through the model
 
     @classmethod
     def create(cls, tokenizer: Tokenizer, request_id: str, stops: tuple[str, ...],
@@ -113,8 +114,15 @@ class RequestStream:
         stream.events.append(EngineEvent(EVENT_QUEUED, arrival, {"prompt_tokens": prompt_tokens}))
         return stream
 
-    def mark_scheduled(self, start: int, num_new: int, num_tokens: int, now: float) -> None:
-        """The request got `num_new` tokens from `start` in a step; it knows `num_tokens`."""
+    def mark_scheduled(self, start: int, num_new: int, num_tokens: int, now: float) -> int:
+        """The request got `num_new` tokens from `start` in a step; it knows `num_tokens` (before
+        the step samples another). Returns how many of them are prefill: every position before
+        the last known token, and the last one too while it is still the prompt's (a decode
+        step's single position, which samples the next token, is not prefill; a preempted
+        request recomputing its outputs is)."""
+        prefill_end = max(num_tokens - 1, self.prompt_tokens)
+        prefill = max(0, min(start + num_new, prefill_end) - start)
+        self.prefill_tokens += prefill
         if self.first_scheduled is None:
             self.first_scheduled = now
             self.events.append(EngineEvent(EVENT_SCHEDULED, now, {"cached_tokens": start}))
@@ -127,6 +135,7 @@ class RequestStream:
         if start + num_new < num_tokens or num_new > 1:  # not a plain decode step
             self.events.append(EngineEvent(EVENT_PREFILL_CHUNK, now,
                                            {"start": start, "tokens": num_new}))
+        return prefill
 
     def mark_preempted(self, computed_tokens: int, now: float) -> None:
         """The scheduler dropped the request's KV (`computed_tokens` of it) to free blocks."""
@@ -187,8 +196,9 @@ class RequestStream:
             return max(0.0, (b - a) * 1000.0) if a is not None and b is not None else 0.0
 
         if status is RequestStatus.FINISHED_ABORTED:
-            self.events.append(EngineEvent(EVENT_ABORTED, now,
-                                           {"generated_tokens": self.num_output_tokens}))
+            self.events.append(EngineEvent(EVENT_ABORTED, now, {
+                "generated_tokens": self.num_output_tokens,
+                "prefill_tokens": self.prefill_tokens}))
         else:
             self.events.append(EngineEvent(EVENT_FINISHED, now, {"finish_status": status.name}))
         return Completion(
