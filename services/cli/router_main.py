@@ -93,7 +93,7 @@ class ReplicaSync:
         for address in addresses:
             if address not in current:
                 r = Replica(address, tier, cfg.balancer, cfg.health,
-                            self.server._on_replica_change)
+                            self.server._on_replica_change, cfg.tls.workers)
                 r.start()
                 replicas.append(r)
                 logger.info("discovered %s replica %s", tier.label, address)

@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from switchyard.cache.v1 import cache_pb2, cache_pb2_grpc
 
 from services.common.grpc_options import Keepalive, channel_options
+from services.common.tls import ClientTls, aio_channel
 from services.router import convert
 from services.router.config import CacheClientConfig
 from services.router.domain import (
@@ -79,10 +80,11 @@ def deterministic(req: GenerateRequest) -> bool:
 
 
 class CacheClient:
-    def __init__(self, config: CacheClientConfig, keepalive: Keepalive | None = None):
+    def __init__(self, config: CacheClientConfig, keepalive: Keepalive | None = None,
+                 tls: ClientTls | None = None):
+        """`tls`: TLS / mTLS of the channel to the cache (config tls.cache); None: plaintext."""
         self.config = config
-        self.channel = grpc.aio.insecure_channel(config.target,
-                                                 options=channel_options(keepalive))
+        self.channel = aio_channel(config.target, channel_options(keepalive), tls, "tls.cache.")
         self.stub = cache_pb2_grpc.CacheServiceStub(self.channel)
         self._stores: set[asyncio.Task] = set()
 

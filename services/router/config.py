@@ -18,6 +18,7 @@ import yaml
 
 from services.common.grpc_options import MIN_PING_INTERVAL_MS, Keepalive
 from services.common.telemetry import TracingConfig
+from services.common.tls import ClientTls, ServerTls
 from services.router.classifier.model import Thresholds
 from services.router.domain import Tier
 
@@ -227,6 +228,39 @@ class CascadeConfig:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    """TLS of the router's gRPC hops (services/common/tls.py); each part absent = plaintext."""
+
+    server: ServerTls | None = None
+    """The router's gRPC port. The HTTP API stays plain HTTP (terminate TLS at the ingress)."""
+    health_port: int | None = None
+    """A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS; 0 picks
+    a free one; None: none (health stays on grpc_port either way)."""
+    workers: ClientTls | None = None
+    """How the router dials workers: the CA that signs their certificates, and its own
+    certificate when they require one (mTLS)."""
+    cache: ClientTls | None = None
+    """How the router dials the cache service."""
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TlsSection:
+        d = _check_keys(data, cls, "tls")
+        for key, part in (("server", ServerTls), ("workers", ClientTls), ("cache", ClientTls)):
+            if d.get(key) is not None:
+                values = _check_keys(d[key], part, f"tls.{key}")
+                try:
+                    d[key] = part(**values)
+                except TypeError as exc:  # a required field is missing
+                    raise ConfigError(f"tls.{key}: {exc}") from None
+                except ValueError as exc:  # the message starts with the field's name
+                    raise ConfigError(f"tls.{key}.{exc}") from None
+        port = d.get("health_port")
+        if port is not None and (type(port) is not int or not 0 <= port <= 65535):
+            raise ConfigError(f"tls.health_port: must be in [0, 65535] or null, got {port!r}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     """The whole router."""
 
@@ -254,9 +288,14 @@ class RouterConfig:
     trust_tenant_field: bool = False
     """Accept GenerateRequest.tenant from callers without credentials (internal callers)."""
     max_prompt_chars: int = 200_000
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest HTTP request body; a larger one gets 413 before it is parsed. Keep it above
+    max_prompt_chars: JSON escapes take up to 6 bytes per character (12 for astral ones)."""
     tracing: TracingConfig = field(default_factory=lambda: TracingConfig(service_name="router"))
     """OpenTelemetry span export: exporter (none/console/file/otlp), otlp_endpoint, file_path,
     sample_ratio."""
+    tls: TlsSection = field(default_factory=TlsSection)
+    """TLS / mTLS of the gRPC port and of the worker and cache channels; off by default."""
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -271,6 +310,10 @@ class RouterConfig:
         if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight: must be an integer >= 1, got {self.max_in_flight!r}")
         _positive("request_timeout_s", self.request_timeout_s)
+        if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int) \
+                or self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes: must be an integer >= 1, got "
+                              f"{self.max_body_bytes!r}")
         seen: dict[str, str] = {}
         for t in self.tenants:
             for key in t.api_keys:
@@ -309,6 +352,9 @@ class RouterConfig:
                               f" (the servers' minimum ping interval), got {h.keepalive_time_s}")
         if self.cache is not None:
             _positive("cache.timeout_ms", self.cache.timeout_ms)
+        if self.tls.health_port and self.tls.health_port == self.grpc_port:
+            raise ConfigError(f"tls.health_port: must differ from grpc_port, both are "
+                              f"{self.grpc_port}")
 
     def tier(self, tier: Tier) -> TierConfig | None:
         return next((t for t in self.tiers if t.tier == tier), None)
@@ -337,6 +383,8 @@ class RouterConfig:
         sections = {"cache": CacheClientConfig, "classifier": ClassifierConfig,
                     "balancer": BalancerConfig, "health": HealthConfig,
                     "cascade": CascadeConfig}
+        if "tls" in d:
+            d["tls"] = TlsSection.from_dict(d["tls"])
         if "tracing" in d:
             try:
                 d["tracing"] = TracingConfig(**{"service_name": "router", **_check_keys(

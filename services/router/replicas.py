@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.common.grpc_options import channel_options
+from services.common.tls import ClientTls, aio_channel
 from services.router.config import BalancerConfig, HealthConfig, RouterConfig
 from services.router.domain import Tier
 
@@ -49,13 +50,14 @@ class Replica:
     """One worker replica as the router sees it."""
 
     def __init__(self, address: str, tier: Tier, balancer: BalancerConfig,
-                 health: HealthConfig, on_change: Callable[[Replica], None] | None = None):
+                 health: HealthConfig, on_change: Callable[[Replica], None] | None = None,
+                 tls: ClientTls | None = None):
+        """`tls`: TLS / mTLS of the channel to the worker (config tls.workers)."""
         self.address = address
         self.tier = tier
         self.balancer = balancer
         self.health_cfg = health
-        self.channel = grpc.aio.insecure_channel(address,
-                                                 options=channel_options(health.keepalive))
+        self.channel = aio_channel(address, channel_options(health.keepalive), tls, "tls.workers.")
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.load: LoadSnapshot | None = None
@@ -186,8 +188,8 @@ class ReplicaPool:
     def __init__(self, config: RouterConfig,
                  on_change: Callable[[Replica], None] | None = None):
         self.by_tier: dict[Tier, list[Replica]] = {
-            t.tier: [Replica(a, t.tier, config.balancer, config.health, on_change)
-                     for a in t.replicas] for t in config.tiers}
+            t.tier: [Replica(a, t.tier, config.balancer, config.health, on_change,
+                             config.tls.workers) for a in t.replicas] for t in config.tiers}
 
     def all(self) -> list[Replica]:
         return [r for rs in self.by_tier.values() for r in rs]

@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from switchyard.router.v1 import router_pb2, router_pb2_grpc
 
 from services.common.grpc_options import server_options
+from services.common.health_port import aio_health_server
 from services.common.telemetry import Telemetry
+from services.common.tls import add_port
 from services.router.auth import Authenticator
 from services.router.balancer import Balancer
 from services.router.cache_client import CacheClient
@@ -63,6 +65,9 @@ class RouterServer:
         self.cache: CacheClient | None = None
         self.router: Router | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
+        """The plaintext health-only server (config.tls.health_port)."""
+        self.health_port: int | None = None
         self.http_runner: web.AppRunner | None = None
         self.health = health.aio.HealthServicer()
         self.grpc_port: int | None = None
@@ -79,7 +84,8 @@ class RouterServer:
         cfg = self.config
         self.pool = ReplicaPool(cfg, self._on_replica_change)
         self.pool.start()
-        self.cache = CacheClient(cfg.cache, cfg.health.keepalive) if cfg.cache is not None else None
+        self.cache = (CacheClient(cfg.cache, cfg.health.keepalive, cfg.tls.cache)
+                      if cfg.cache is not None else None)
         self.router = Router(cfg, Dispatcher(Balancer(self.pool, cfg.balancer), cfg.max_attempts),
                              self.cache, self.classifier, Limits(list(cfg.tenants)),
                              self.metrics, self.executor, self.telemetry.tracer)
@@ -91,8 +97,13 @@ class RouterServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.grpc_server)
-        self.grpc_port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+        self.grpc_port = add_port(self.grpc_server, f"{cfg.host}:{cfg.grpc_port}",
+                                  cfg.tls.server, "tls.server.")
         await self.grpc_server.start()
+        if cfg.tls.health_port is not None:
+            self.health_server, self.health_port = aio_health_server(
+                self.health, f"{cfg.host}:{cfg.tls.health_port}")
+            await self.health_server.start()
 
         api = OpenAIApi(self.router, self.auth, cfg, self.metrics)
         self.http_runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
@@ -119,6 +130,8 @@ class RouterServer:
             await self.http_runner.cleanup()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace_s)
+        if self.health_server is not None:  # after the main port: probes see NOT_SERVING
+            await self.health_server.stop(None)
         if self.pool is not None:
             await self.pool.close()
         if self.cache is not None:

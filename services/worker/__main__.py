@@ -16,6 +16,7 @@ import sys
 import yaml
 
 from services.common.telemetry import EXPORTERS, TracingConfig
+from services.common.tls import ServerTls, TlsError
 from services.worker.config import WorkerConfig
 from services.worker.engine.config import CacheConfig
 from services.worker.quant.config import SCHEME_NAMES
@@ -49,6 +50,13 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
     p.add_argument("--trace-file", help="JSON-lines span file (exporter 'file')")
     p.add_argument("--trace-sample-ratio", type=float)
+    p.add_argument("--tls-cert-file", help="PEM certificate: serve TLS on --port")
+    p.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
+    p.add_argument("--tls-ca-file", help="PEM CA that client certificates must chain to (mTLS)")
+    p.add_argument("--tls-require-client-cert", action="store_true",
+                   help="mTLS: refuse clients without a certificate signed by --tls-ca-file")
+    p.add_argument("--health-port", type=int,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (probes)")
     args = p.parse_args(argv)
 
     values: dict = {}
@@ -62,6 +70,13 @@ def parse_args(argv: list[str]) -> WorkerConfig:
         if getattr(args, flag) is not None:
             tracing[key] = getattr(args, flag)
     tracing.setdefault("service_name", "worker")
+    tls = dict(values.pop("tls", {}) or {})
+    for flag, key in (("tls_cert_file", "cert_file"), ("tls_key_file", "key_file"),
+                      ("tls_ca_file", "ca_file")):
+        if getattr(args, flag) is not None:
+            tls[key] = getattr(args, flag)
+    if args.tls_require_client_cert:
+        tls["require_client_cert"] = True
     for flag, key in (("block_size", "block_size"), ("kv_cache_bytes", "memory_bytes"),
                       ("kv_cache_fraction", "memory_fraction"), ("num_kv_blocks", "num_blocks")):
         if getattr(args, flag) is not None:
@@ -70,12 +85,17 @@ def parse_args(argv: list[str]) -> WorkerConfig:
         cache["enable_prefix_caching"] = False
     for f in dataclasses.fields(WorkerConfig):
         value = getattr(args, f.name, None)
-        if value is not None and f.name not in ("cache", "tracing"):
+        if value is not None and f.name not in ("cache", "tracing", "tls"):
             values[f.name] = value
     if "model" not in values:
         p.error("--model is required (or `model:` in --config)")
     values.setdefault("worker_id", "")
-    config = WorkerConfig(cache=CacheConfig(**cache), tracing=TracingConfig(**tracing), **values)
+    try:
+        server_tls = ServerTls(**tls) if tls else None
+    except (TypeError, ValueError) as exc:
+        p.error(f"tls: {exc}")
+    config = WorkerConfig(cache=CacheConfig(**cache), tracing=TracingConfig(**tracing),
+                          tls=server_tls, **values)
     if not config.worker_id:
         config = dataclasses.replace(config, worker_id=f"{config.tier}-{config.port}")
     return config
@@ -87,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                         format=f"%(asctime)s {config.worker_id} %(levelname)s %(name)s: %(message)s")
     from services.worker.server import WorkerServer  # after logging: imports torch
 
-    asyncio.run(WorkerServer(config).run())
+    try:
+        asyncio.run(WorkerServer(config).run())
+    except TlsError as exc:  # a certificate that cannot be used: say which, no traceback
+        raise SystemExit(f"worker: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from services.common.telemetry import TracingConfig
+from services.common.tls import ServerTls
 from services.worker.engine.config import CacheConfig
 from services.worker.quant.config import SCHEME_NAMES
 
@@ -51,6 +52,11 @@ class WorkerConfig:
     """Port of the Prometheus /metrics endpoint (served once the model is loaded); None: off."""
     tracing: TracingConfig = field(default_factory=lambda: TracingConfig(service_name="worker"))
     """Span export (OpenTelemetry); off by default."""
+    tls: ServerTls | None = None
+    """TLS on `port` (mTLS with require_client_cert); None: plaintext."""
+    health_port: int | None = None
+    """A second, plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
+    (Kubernetes'); 0 picks a free one; None: none. Health is on `port` either way."""
 
     def __post_init__(self) -> None:
         if self.tier not in TIER_NAMES:
@@ -74,5 +80,11 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.tls is not None and not isinstance(self.tls, ServerTls):
+            raise ValueError(f"tls must be a ServerTls or None, got {self.tls!r}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
+        if self.health_port and self.health_port == self.port:
+            raise ValueError(f"health_port must differ from port, both are {self.port}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")

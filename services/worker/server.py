@@ -15,7 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.common.assets import smollm2_gguf_path
+from services.common.grpc_options import server_options
+from services.common.health_port import aio_health_server
 from services.common.telemetry import Telemetry
+from services.common.tls import add_port
 from services.worker.config import WorkerConfig
 from services.worker.engine.async_engine import AsyncEngine
 from services.worker.engine.config import SchedulerConfig
@@ -30,7 +33,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 # Named model shortcuts, so the README and configs need no site-packages paths.
 MODEL_ALIASES = {"smollm2": smollm2_gguf_path}
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def resolve_model(model: str) -> Path:
@@ -68,6 +70,9 @@ class WorkerServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        """The plaintext health-only port (config.health_port), once bound."""
         self.stopping = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
@@ -77,17 +82,21 @@ class WorkerServer:
             await self.health.set(name, status)
 
     async def start(self) -> int:
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-        self.server = grpc.aio.server(options=opts)
+        self.server = grpc.aio.server(options=server_options())
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = add_port(self.server, f"{self.config.host}:{self.config.port}",
+                             self.config.tls)
+        if self.config.health_port is not None:
+            self.health_server, self.health_port = aio_health_server(
+                self.health, f"{self.config.host}:{self.config.health_port}")
         await self._set_health(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         return self.port
 
     async def load(self) -> None:
@@ -125,6 +134,8 @@ class WorkerServer:
         if engine is not None and engine.num_in_flight:
             logger.warning("drain timeout: aborting %d requests", engine.num_in_flight)
         await self.server.stop(grace=1.0)
+        if self.health_server is not None:  # last: probes see NOT_SERVING through the drain
+            await self.health_server.stop(grace=None)
         if engine is not None:
             engine.shutdown()
         self.telemetry.shutdown()  # flushes queued spans (bounded by the export timeout)
@@ -134,7 +145,11 @@ class WorkerServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         await self.start()
-        print(f"worker listening on {self.config.host}:{self.port} (loading model)", flush=True)
+        extra = "" if self.health_port is None else f", health on port {self.health_port}"
+        tls = "" if self.config.tls is None else (
+            ", mTLS" if self.config.tls.require_client_cert else ", TLS")
+        print(f"worker listening on {self.config.host}:{self.port} (loading model{tls}{extra})",
+              flush=True)
         load = asyncio.create_task(self.load())
         failure: list[BaseException] = []
 
