@@ -78,6 +78,10 @@ def policy_from_pb(present: bool, p: common_pb2.CachePolicy) -> Policy:
 
 def answer_from_pb(e: cache_pb2.CacheEntry) -> Answer:
     """CacheEntry -> Answer (created_unix_ms is ignored: the cache sets it)."""
+    # Tiers are open proto3 enums: refuse one no reader knows, or every later hit on this
+    # entry would fail in the router that reads it.
+    if e.tier not in common_pb2.Tier.values():
+        raise InvalidArgument("entry.tier", f"unknown value {e.tier}")
     u = e.usage
     return Answer(text=e.text, token_ids=tuple(e.token_ids),
                   usage=Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens),

@@ -37,6 +37,8 @@ _ROLE_TO_PB = {v: k for k, v in _ROLE_FROM_PB.items()}
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                       "presence_penalty", "frequency_penalty", "seed", "logprobs")
 assert set(ROLES) == set(_ROLE_TO_PB)
+MAX_REQUEST_ID_CHARS = 128
+"""A client's request_id travels to the worker as a label, which the worker caps at 256."""
 
 
 def _opt(msg, name: str):
@@ -64,6 +66,9 @@ def request_from_pb(pb: router_pb2.GenerateRequest, *, request_id: str, tenant: 
                     permission_scope: str, stream: bool,
                     deadline: float | None) -> GenerateRequest:
     """A router GenerateRequest -> domain request (shape only; validation.py checks ranges)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} "
+                              f"characters, got {len(request_id)}")
     which = pb.WhichOneof("input")
     if which is None:
         raise InvalidArgument("input", "one of prompt or chat is required")

@@ -2,9 +2,11 @@
 
 POST /v1/chat/completions and /v1/completions (streaming as server-sent events, or not),
 GET /v1/models, GET /metrics (Prometheus), GET /health. Errors use OpenAI's body
-{"error": {"message", "type", "param", "code"}} with 400/401/403/404/429/503/504; 429 carries
-Retry-After. A streamed response starts only when the first event is ready, so every error
-before the first token still gets its status code; a later failure is sent as an SSE
+{"error": {"message", "type", "param", "code"}} with 400/401/403/404/405/413/429/503/504, also
+for aiohttp's own (unknown route, wrong method, body over `max_body_bytes`); 429 carries
+Retry-After. Bodies are parsed as UTF-8 JSON whatever the Content-Type says. A streamed
+response starts only when the first event is ready, so every error before the first token
+still gets its status code; a later failure is sent as an SSE
 `{"error": ...}` event (the openai client raises it) and the stream ends without [DONE].
 A client that disconnects cancels its request (handler cancellation), which aborts it on the
 worker. Deadline: header `X-Request-Timeout-Ms` (else the server's maximum).
@@ -26,7 +28,7 @@ from services.router import openai_schema as schema
 from services.router.auth import Authenticator, Principal, key_from_headers
 from services.router.config import RouterConfig
 from services.router.domain import Chunk, Final, GenerateRequest, Tier
-from services.router.errors import InvalidArgument, RateLimited, RouterError
+from services.router.errors import InvalidArgument, RateLimited, RouterError, Unauthenticated
 from services.router.metrics import RouterMetrics
 from services.router.routing import Router
 from services.router.tracing import trace_carrier
@@ -34,7 +36,7 @@ from services.router.tracing import trace_carrier
 logger = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
-_MAX_BODY_BYTES = 4 * 1024 * 1024
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def error_body(exc: RouterError) -> dict:
@@ -60,13 +62,23 @@ async def _errors(request: web.Request, handler: Callable) -> web.StreamResponse
         return await handler(request)
     except RouterError as exc:
         return error_response(exc)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(exc)
     except Exception:  # reported as a 500 without internals
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return web.json_response({"error": {"message": "internal server error",
                                             "type": "server_error", "param": None,
                                             "code": None}}, status=500)
+
+
+def _http_error(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (no route, wrong method, body too large) in OpenAI's shape."""
+    headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+    body = {"error": {"message": exc.text or exc.reason, "type": "invalid_request_error",
+                      "param": None, "code": _HTTP_CODES.get(exc.status)}}
+    return web.json_response(body, status=exc.status, headers=headers)
 
 
 def _sse(obj: dict) -> bytes:
@@ -82,7 +94,8 @@ class OpenAIApi:
         self.metrics = metrics
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[_errors], client_max_size=_MAX_BODY_BYTES)
+        app = web.Application(middlewares=[_errors],
+                              client_max_size=self.config.max_body_bytes)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -93,16 +106,29 @@ class OpenAIApi:
     def _principal(self, request: web.Request) -> Principal:
         try:
             return self.auth.authenticate(key_from_headers(request.headers.items()))
+        except UnicodeError:
+            # aiohttp hands non-UTF-8 header bytes over as surrogate escapes, which no key is.
+            exc = Unauthenticated("invalid API key")
+            self.metrics.rejections.labels(type(exc).__name__.lower()).inc()
+            raise exc from None
         except RouterError as exc:
             self.metrics.rejections.labels(type(exc).__name__.lower()).inc()
             raise
 
     @staticmethod
     async def _body(request: web.Request) -> dict:
+        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidArgument("body", "is not valid JSON") from None
+            # JSON is UTF-8 (RFC 8259); a charset parameter is not trusted (an unknown one
+            # would raise LookupError). ValueError covers integer literals past Python's digit
+            # limit, RecursionError nesting past the interpreter's recursion limit.
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidArgument("body", "is not valid UTF-8") from None
+        except RecursionError:
+            raise InvalidArgument("body", "is nested too deeply") from None
+        except ValueError as exc:
+            raise InvalidArgument("body", f"is not valid JSON ({str(exc)[:200]})") from None
         if not isinstance(body, dict):
             raise InvalidArgument("body", "must be a JSON object")
         return body
@@ -113,7 +139,8 @@ class OpenAIApi:
         if raw is None:
             return None
         try:
-            ms = float(raw)
+            # ASCII only: float() also reads "\u0661\u0662" (Arabic-Indic 12) and "1_000".
+            ms = float(raw) if raw.isascii() and "_" not in raw else float("nan")
         except ValueError:
             ms = float("nan")
         if not (math.isfinite(ms) and ms > 0):
@@ -134,10 +161,10 @@ class OpenAIApi:
         req = parse(body, request_id=rid, tenant=principal.tenant.name,
                     permission_scope=principal.tenant.permission_scope,
                     deadline=self._deadline(request))
+        include_usage = schema.stream_include_usage(body)
         req = dataclasses.replace(req, trace_carrier=trace_carrier(request.headers.items()))
         events = self.router.generate(req)
         if req.stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return await self._stream(request, events, req, rid, chat, include_usage)
         chunks: list[Chunk] = []
         final: Final | None = None

@@ -5,11 +5,18 @@ top_k, min_p, repetition_penalty, ignore_eos; and Switchyard's own `prompt_versi
 `cache` ({mode, allow_sampled, allow_semantic, min_similarity}) and `labels`. Fields the router
 cannot honour (n > 1, tools, echo, ...) are rejected with 400 naming the parameter; unknown
 fields are ignored, as clients send newer ones.
+
+Known fields are type-checked strictly (JSON booleans for flags, numbers for numbers, strings
+for text): a body is untrusted input, and whatever passes here must convert to protobuf
+without raising. So integers must fit their proto fields, floats a 32-bit float, and strings
+must be encodable as UTF-8 (JSON's \\ud800 escapes can carry lone surrogates). Error messages
+quote the offending value shortened (`_show`), never a multi-megabyte or deeply nested echo.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 from dataclasses import asdict
 from typing import Any
@@ -33,6 +40,12 @@ AUTO_MODEL = "auto"
 DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+UINT32_MAX = 2**32 - 1
+"""max_tokens and top_k travel as uint32 to the worker."""
+MAX_SEED = 2**63 - 1
+"""The worker's seed limit (torch generators take signed 64-bit seeds)."""
+_FLOAT32_MAX = 3.4028234663852886e38
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length",
            FinishReason.ABORT: "stop", FinishReason.ERROR: "stop"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
@@ -42,7 +55,74 @@ _UNSUPPORTED = {"tools": None, "tool_choice": ("none", "auto"), "functions": Non
                 "audio": None, "prediction": None, "best_of": (1,), "echo": (False,),
                 "parallel_tool_calls": None}
 _CACHE_MODES = {m.name.lower(): m for m in CacheMode if m != CacheMode.UNSPECIFIED}
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 60
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 3, 4, 4
+"""Bounded repr: depth, length and item counts capped (reprlib never recurses past maxlevel)."""
 
+
+def _show(value: Any) -> str:
+    return _SHOW.repr(value)
+
+
+# --- typed field readers (None: the field is absent or null) -----------------------------------
+
+def _text(value: str, path: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(path, f"is not valid Unicode (lone surrogate at index "
+                              f"{exc.start})") from None
+    return value
+
+
+def _string(d: dict, key: str, path: str) -> str | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(path, f"must be a string, got {_show(value)}")
+    return _text(value, path)
+
+
+def _flag(d: dict, key: str, path: str) -> bool | None:
+    value = d.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidArgument(path, f"must be true or false, got {_show(value)}")
+
+
+def _float(d: dict, key: str, path: str) -> float | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(path, f"must be a number, got {_show(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer literal past the float range
+        raise InvalidArgument(path, "is out of range") from None
+    if not math.isfinite(value):
+        raise InvalidArgument(path, f"must be finite, got {value!r}")
+    if abs(value) > _FLOAT32_MAX:
+        raise InvalidArgument(path, f"is out of range, got {value!r}")
+    return value
+
+
+def _int(d: dict, key: str, path: str, lo: int, hi: int) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)  # 16.0 is an integer in JSON
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(path, f"must be an integer, got {_show(value)}")
+    if not lo <= value <= hi:
+        raise InvalidArgument(path, f"must be in [{lo}, {hi}], got {_show(value)}")
+    return value
+
+
+# --- requests --------------------------------------------------------------------------------
 
 def model_tier(model: Any) -> Tier | None:
     """"auto" -> None (the classifier decides); a tier name -> that tier."""
@@ -53,21 +133,8 @@ def model_tier(model: Any) -> Tier | None:
     try:
         return Tier.parse(model)
     except ValueError:
-        raise ModelNotFound("model", f"the model {model!r} does not exist; use \"auto\" or one "
-                            f"of {[t.label for t in Tier]}") from None
-
-
-def _number(body: dict, name: str, kind: type = float) -> Any:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            kind is int and not float(value).is_integer()):
-        raise InvalidArgument(name, f"must be a{'n integer' if kind is int else ' number'}, "
-                              f"got {value!r}")
-    if not math.isfinite(value):
-        raise InvalidArgument(name, f"must be finite, got {value!r}")
-    return kind(value)
+        raise ModelNotFound("model", f"the model {_show(model)} does not exist; use \"auto\" "
+                            f"or one of {[t.label for t in Tier]}") from None
 
 
 def _check_unsupported(body: dict) -> None:
@@ -76,10 +143,10 @@ def _check_unsupported(body: dict) -> None:
         if value is None or value == [] or value == {}:
             continue
         if allowed is None or value not in allowed:
-            raise InvalidArgument(name, f"is not supported by this server (got {value!r})")
+            raise InvalidArgument(name, f"is not supported by this server (got {_show(value)})")
     n = body.get("n")
     if n is not None and n != 1:
-        raise InvalidArgument("n", f"only n=1 is supported, got {n!r}")
+        raise InvalidArgument("n", f"only n=1 is supported, got {_show(n)}")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
         raise InvalidArgument("response_format", "only {\"type\": \"text\"} is supported")
@@ -93,7 +160,15 @@ def _stop(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise InvalidArgument("stop", "must be a non-empty string or a list of them")
-    return tuple(stop)
+    return tuple(_text(s, "stop") for s in stop)
+
+
+def _labels(body: dict) -> tuple[tuple[str, str], ...]:
+    labels = body.get("labels") or {}
+    if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise InvalidArgument("labels", "must map strings to strings")
+    return tuple(sorted((_text(k, "labels"), _text(v, "labels")) for k, v in labels.items()))
 
 
 def _cache_policy(body: dict) -> CachePolicy | None:
@@ -103,54 +178,70 @@ def _cache_policy(body: dict) -> CachePolicy | None:
     if not isinstance(c, dict):
         raise InvalidArgument("cache", "must be an object")
     mode = c.get("mode", "unspecified")
-    if mode != "unspecified" and mode not in _CACHE_MODES:
+    if not isinstance(mode, str) or (mode != "unspecified" and mode not in _CACHE_MODES):
         raise InvalidArgument("cache.mode", f"must be one of {sorted(_CACHE_MODES)}, "
-                              f"got {mode!r}")
-    sim = c.get("min_similarity")
+                              f"got {_show(mode)}")
     return CachePolicy(mode=_CACHE_MODES.get(mode, CacheMode.UNSPECIFIED),
-                       allow_sampled=bool(c.get("allow_sampled", False)),
-                       allow_semantic=c.get("allow_semantic"),
-                       min_similarity=None if sim is None else float(sim))
+                       allow_sampled=bool(_flag(c, "allow_sampled", "cache.allow_sampled")),
+                       allow_semantic=_flag(c, "allow_semantic", "cache.allow_semantic"),
+                       min_similarity=_float(c, "min_similarity", "cache.min_similarity"))
+
+
+def stream_include_usage(body: dict) -> bool:
+    """stream_options.include_usage of a body (False when absent)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidArgument("stream_options", f"must be an object, got {_show(options)}")
+    return bool(_flag(options, "include_usage", "stream_options.include_usage"))
 
 
 def _common(body: dict, logprobs: int | None, max_tokens_default: int) -> dict:
     _check_unsupported(body)
-    max_tokens = _number(body, "max_completion_tokens", int)
+    max_tokens = _int(body, "max_completion_tokens", "max_completion_tokens", 1, UINT32_MAX)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", int)
-    labels = body.get("labels") or {}
-    if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise InvalidArgument("labels", "must map strings to strings")
+        max_tokens = _int(body, "max_tokens", "max_tokens", 1, UINT32_MAX)
     sampling = Sampling(
-        temperature=_number(body, "temperature"), top_p=_number(body, "top_p"),
-        top_k=_number(body, "top_k", int), min_p=_number(body, "min_p"),
-        repetition_penalty=_number(body, "repetition_penalty"),
-        presence_penalty=_number(body, "presence_penalty"),
-        frequency_penalty=_number(body, "frequency_penalty"), seed=_number(body, "seed", int),
-        stop=_stop(body), logprobs=logprobs, ignore_eos=bool(body.get("ignore_eos", False)))
-    if sampling.seed is not None and sampling.seed < 0:
-        raise InvalidArgument("seed", f"must be >= 0, got {sampling.seed}")
+        **{name: _float(body, name, name) for name in (
+            "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty")},
+        top_k=_int(body, "top_k", "top_k", 1, UINT32_MAX),
+        seed=_int(body, "seed", "seed", 0, MAX_SEED), stop=_stop(body), logprobs=logprobs,
+        ignore_eos=bool(_flag(body, "ignore_eos", "ignore_eos")))
     return {"max_tokens": max_tokens_default if max_tokens is None else max_tokens,
             "sampling": sampling, "tier_hint": model_tier(body.get("model")),
-            "cache": _cache_policy(body), "prompt_version": str(body.get("prompt_version", "")),
-            "labels": tuple(sorted(labels.items())), "stream": bool(body.get("stream", False)),
+            "cache": _cache_policy(body),
+            "prompt_version": _string(body, "prompt_version", "prompt_version") or "",
+            "labels": _labels(body), "stream": bool(_flag(body, "stream", "stream")),
             "api": "openai"}
 
 
 def _content(value: Any, path: str) -> str:
     if isinstance(value, str):
-        return value
+        return _text(value, path)
     if value is None:
         return ""
     if isinstance(value, list):
         parts = []
         for i, part in enumerate(value):
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise InvalidArgument(f"{path}[{i}]", "only text content parts are supported")
-            parts.append(str(part.get("text", "")))
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                    part.get("text", ""), str):
+                raise InvalidArgument(f"{path}[{i}]", "only text content parts (a string "
+                                      "\"text\") are supported")
+            parts.append(_text(part.get("text", ""), f"{path}[{i}]"))
         return "".join(parts)
     raise InvalidArgument(path, "must be a string or a list of text parts")
+
+
+def _message(m: Any, i: int) -> Message:
+    role = m.get("role") if isinstance(m, dict) else None
+    if not isinstance(role, str) or role not in _ROLES:
+        raise InvalidArgument(f"messages[{i}].role", f"must be one of {sorted(_ROLES)}")
+    if m.get("tool_calls"):
+        raise InvalidArgument(f"messages[{i}].tool_calls", "tool calls are not supported")
+    return Message(_ROLES[role], _content(m.get("content"), f"messages[{i}].content"),
+                   _string(m, "name", f"messages[{i}].name") or "")
 
 
 def parse_chat(body: dict, **identity: Any) -> GenerateRequest:
@@ -159,21 +250,11 @@ def parse_chat(body: dict, **identity: Any) -> GenerateRequest:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise InvalidArgument("messages", "must be a non-empty list")
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise InvalidArgument(f"messages[{i}].role", f"must be one of {sorted(_ROLES)}")
-        if m.get("tool_calls"):
-            raise InvalidArgument(f"messages[{i}].tool_calls", "tool calls are not supported")
-        messages.append(Message(_ROLES[m["role"]], _content(m.get("content"),
-                                f"messages[{i}].content"), str(m.get("name") or "")))
+    messages = tuple(_message(m, i) for i, m in enumerate(raw))
     logprobs = None
-    if body.get("logprobs"):
-        top = _number(body, "top_logprobs", int) or 0
-        if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise InvalidArgument("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
-        logprobs = top
-    return GenerateRequest(messages=tuple(messages),
+    if _flag(body, "logprobs", "logprobs"):
+        logprobs = _int(body, "top_logprobs", "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+    return GenerateRequest(messages=messages,
                            **_common(body, logprobs, DEFAULT_CHAT_MAX_TOKENS), **identity)
 
 
@@ -184,10 +265,8 @@ def parse_completion(body: dict, **identity: Any) -> GenerateRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise InvalidArgument("prompt", "must be a string (or a list of exactly one string)")
-    logprobs = _number(body, "logprobs", int)
-    if logprobs is not None and not 0 <= logprobs <= 5:
-        raise InvalidArgument("logprobs", f"must be in [0, 5], got {logprobs}")
-    return GenerateRequest(prompt=prompt,
+    logprobs = _int(body, "logprobs", "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    return GenerateRequest(prompt=_text(prompt, "prompt"),
                            **_common(body, logprobs, DEFAULT_COMPLETION_MAX_TOKENS), **identity)
 
 

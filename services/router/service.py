@@ -14,10 +14,14 @@ from services.router import convert
 from services.router.auth import Authenticator, key_from_headers
 from services.router.config import RouterConfig
 from services.router.domain import Chunk, Final, GenerateRequest
-from services.router.errors import RateLimited, RouterError
+from services.router.errors import InvalidArgument, RateLimited, RouterError
 from services.router.metrics import RouterMetrics
 from services.router.routing import Router
 from services.router.tracing import trace_carrier
+
+MAX_TENANT_CHARS = 128
+"""Longer tenant claims are refused unread: errors quote the claim, and a status message past
+gRPC's 16 KiB metadata limit never reaches the client (it sees RESOURCE_EXHAUSTED instead)."""
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -31,6 +35,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def _request(self, request, context: grpc.aio.ServicerContext,
                  stream: bool) -> GenerateRequest:
         try:
+            if len(request.tenant) > MAX_TENANT_CHARS:
+                raise InvalidArgument("tenant", f"must be at most {MAX_TENANT_CHARS} "
+                                      f"characters, got {len(request.tenant)}")
             key = key_from_headers(context.invocation_metadata() or ())
             principal = self.auth.resolve(key, request.tenant, self.config.trust_tenant_field)
         except RouterError as exc:

@@ -41,6 +41,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self.config = config
         self.engine: AsyncEngine | None = None
         self.draining = False
+        self._in_flight: set[str] = set()
+        """request_ids of the Generate calls being served. The engine keys its streams by
+        request_id: a second call reusing a live id would take over the first one's stream
+        and, on its rejection, abort it (the first caller then waits forever)."""
         if observability is None:
             from opentelemetry.trace import NoOpTracer
             observability = Observability(NoOpTracer(), None, config.tier, config.worker_id)
@@ -68,17 +72,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self._require_serving()
         with self.observe.request(request, context, self.model_id) as obs:
             convert.validate_request(request)
+            rid = request.request_id
+            if rid in self._in_flight:
+                raise InvalidArgument("request_id", "is already in flight on this worker")
             params = convert.sampling_params(request)
             prompt_ids = self.tokenizer.encode(convert.prompt_text(request, self.tokenizer))
-            async for event in self.engine.generate(request.request_id, prompt_ids, params):
-                obs.on_event(event)
-                if event.text or event.token_ids:
-                    yield convert.chunk(event, self.tokenizer)
-                if event.completion is not None:
-                    final = convert.complete(event.completion, self.model_id,
-                                             self.quantization)
-                    obs.on_complete(event.completion, final)
-                    yield final
+            self._in_flight.add(rid)  # no await since the check: nobody else got in between
+            try:
+                async for event in self.engine.generate(rid, prompt_ids, params):
+                    obs.on_event(event)
+                    if event.text or event.token_ids:
+                        yield convert.chunk(event, self.tokenizer)
+                    if event.completion is not None:
+                        final = convert.complete(event.completion, self.model_id,
+                                                 self.quantization)
+                        obs.on_complete(event.completion, final)
+                        yield final
+            finally:
+                self._in_flight.discard(rid)
 
     @maps_errors
     async def Abort(self, request, context):
