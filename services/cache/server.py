@@ -19,6 +19,7 @@ from services.cache.metrics import CacheMetrics
 from services.cache.servicer import CacheServicer
 from services.cache.store import RedisStore
 from services.cache.sync import IndexSync
+from services.common.decode_guard import DecodeGuard
 from services.common.grpc_options import server_options
 from services.common.health_port import sync_health_server
 from services.common.telemetry import Telemetry
@@ -75,7 +76,7 @@ class CacheServer:
         self.health = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(config.grpc_workers,
                                                              thread_name_prefix="cache-rpc"),
-                                  options=server_options())
+                                  options=server_options(), interceptors=[DecodeGuard()])
         cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.replica.cache,
                                                                         self.telemetry.tracer),
                                                           self.server)

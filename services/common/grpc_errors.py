@@ -31,12 +31,23 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+MAX_DETAILS_CHARS = 2048
+"""Status messages travel in HTTP/2 trailers (16 KiB of metadata by default); one that echoes a
+huge input would turn into a misleading RESOURCE_EXHAUSTED on the client, so cut it."""
+
+
+def _details(message: str) -> str:
+    if len(message) <= MAX_DETAILS_CHARS:
+        return message
+    return message[:MAX_DETAILS_CHARS] + f"... ({len(message) - MAX_DETAILS_CHARS} more chars)"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code = status_for(exc)
     if code is None:
         logger.exception("unhandled error in RPC", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
-    await context.abort(code, str(exc))
+    await context.abort(code, _details(str(exc)))
 
 
 def maps_errors(handler: Callable) -> Callable:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from switchyard.router.v1 import router_pb2, router_pb2_grpc
 
+from services.common.decode_guard import AioDecodeGuard
 from services.common.grpc_options import server_options
 from services.common.health_port import aio_health_server
 from services.common.telemetry import Telemetry
@@ -90,7 +91,8 @@ class RouterServer:
                              self.cache, self.classifier, Limits(list(cfg.tenants)),
                              self.metrics, self.executor, self.telemetry.tracer)
 
-        self.grpc_server = grpc.aio.server(options=server_options())
+        self.grpc_server = grpc.aio.server(options=server_options(),
+                                           interceptors=[AioDecodeGuard()])
         router_pb2_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(self.router, self.auth, cfg, self.metrics), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

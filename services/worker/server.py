@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from services.common.assets import smollm2_gguf_path
+from services.common.decode_guard import AioDecodeGuard
 from services.common.grpc_options import server_options
 from services.common.health_port import aio_health_server
 from services.common.telemetry import Telemetry
@@ -82,7 +83,8 @@ class WorkerServer:
             await self.health.set(name, status)
 
     async def start(self) -> int:
-        self.server = grpc.aio.server(options=server_options())
+        self.server = grpc.aio.server(options=server_options(),
+                                      interceptors=[AioDecodeGuard()])
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

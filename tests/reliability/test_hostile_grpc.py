@@ -306,11 +306,6 @@ WIRE = [
 ]
 
 
-GRPCIO_DECODE_ERRORS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-"""What grpcio answers a request its deserializer cannot parse, before any servicer runs:
-UNKNOWN on the aio servers (router, worker), INTERNAL on the thread-pool one (cache)."""
-
-
 def _wire_targets(router, worker, cache_channel) -> list[tuple[grpc.Channel, str]]:
     return [(router.channel, "/switchyard.router.v1.RouterService/Complete"),
             (worker.channel, "/switchyard.worker.v1.WorkerService/Generate"),
@@ -324,32 +319,20 @@ def _wire_call(channel: grpc.Channel, method: str, payload: bytes):
 
 
 def test_undecodable_requests_do_not_break_the_servers(grpc_router, cluster, cache_target):
-    """Invalid UTF-8 and corrupt wire bytes: whatever code grpcio gives them, every server goes
-    on serving (they are tallied by code, not as crashes: no service code ran)."""
+    """Invalid UTF-8 and corrupt wire bytes: INVALID_ARGUMENT from every server (the decode
+    guard, services/common/decode_guard.py: grpcio alone answers UNKNOWN or INTERNAL), and every
+    server goes on serving."""
     worker = cluster["small"][0]
     with grpc.insecure_channel(cache_target) as cache_channel:
         for channel, method in _wire_targets(grpc_router, worker, cache_channel):
             for payload in WIRE:
                 code, _ = outcome("grpc-wire", lambda: _wire_call(channel, method, payload),
-                                  CLEAR | GRPCIO_DECODE_ERRORS, crashes=set())
-                assert code != grpc.StatusCode.OK
+                                  CLEAR)
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, payload)
         assert_router_serving(grpc_router)
         assert worker.load().serving
         assert cache_pb2_grpc.CacheServiceStub(cache_channel).Stats(
             cache_pb2.StatsRequest(), timeout=DEADLINE_S).redis_available
-
-
-@pytest.mark.xfail(strict=True, reason="grpcio answers undecodable requests itself (UNKNOWN or "
-                   "INTERNAL); INVALID_ARGUMENT needs each server.py to register its handlers "
-                   "with a deserializer that hands the DecodeError to the servicer")
-def test_undecodable_requests_are_invalid_argument(grpc_router, cluster, cache_target):
-    with grpc.insecure_channel(cache_target) as cache_channel:
-        for channel, method in _wire_targets(grpc_router, cluster["small"][0], cache_channel):
-            for payload in WIRE:
-                try:
-                    _wire_call(channel, method, payload)
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, exc)
 
 
 def test_unknown_fields_are_ignored_by_the_router(grpc_router):
