@@ -41,7 +41,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,6 @@ from pathlib import Path
 import aiohttp
 import grpc
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from switchyard.common.v1 import common_pb2
 from switchyard.router.v1 import router_pb2, router_pb2_grpc
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -59,6 +57,7 @@ from prompts import PromptFactory
 from rss import memory_report, sample_rss
 from router_bench import Cluster, free_port, pct, wait_serving
 from services.common.assets import smollm2_gguf_path
+from services.worker.metrics import read_counters
 from services.worker.tokenizer import Tokenizer
 
 API_KEY = "sk-soak-bench-000001"
@@ -316,18 +315,6 @@ def wait_idle(target: str, timeout_s: float = 60.0) -> worker_pb2.Load:
             time.sleep(0.2)
 
 
-def worker_counters(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    out: Counter = Counter()
-    for fam in text_string_to_metric_families(text):
-        if fam.type == "counter":
-            for s in fam.samples:
-                if s.name.endswith("_total"):
-                    out[s.name.removeprefix("switchyard_worker_").removesuffix("_total")] += \
-                        s.value
-    return dict(out)
-
-
 def summarize(outcomes: list[Outcome], load: worker_pb2.Load, wall_s: float) -> dict:
     by = Counter(o.status for o in outcomes)
     errors = Counter(o.code for o in outcomes if o.status == "error")
@@ -413,12 +400,12 @@ async def run(cluster: dict, args: argparse.Namespace) -> dict:
             source = f"ramp of closed loops, {args.ramp_step_s:g} s a step"
         rate = args.load_fraction * capacity
         print(f"soak: {rate:.2f} req/s for {args.duration_s:g} s", flush=True)
-        before = worker_counters(cluster["metrics"])
+        before = read_counters(cluster["metrics"])
         outcomes, series, wall = await soak(client, args, rate, cluster["pids"])
     finally:
         await client.close()
     load = wait_idle(cluster["worker"])
-    after = worker_counters(cluster["metrics"])
+    after = read_counters(cluster["metrics"])
     return {"capacity_rps": capacity, "capacity_source": source, "ramp": steps,
             "load_fraction": args.load_fraction, "offered_rps": rate,
             "cancel_fraction": args.cancel_fraction, "wall_s": wall,

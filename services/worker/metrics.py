@@ -152,3 +152,22 @@ class _EngineCollector:
         yield self._counter("aborted_generation_tokens", "Tokens generated for requests that "
                             "were then aborted (wasted compute).", st.aborted_generated_tokens)
         yield self._counter("engine_steps", "Engine steps run.", st.steps)
+
+
+def read_counters(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """A worker's counters from its /metrics URL, by name without the `switchyard_worker_`
+    prefix and `_total` suffix, summed over their labels (for benchmarks and tests)."""
+    import urllib.request
+    from collections import Counter
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=timeout_s).read().decode()
+    out: Counter = Counter()
+    for fam in text_string_to_metric_families(text):
+        if fam.type == "counter":
+            for sample in fam.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.name.removeprefix(f"{_NS}_").removesuffix("_total")] += \
+                        sample.value
+    return dict(out)

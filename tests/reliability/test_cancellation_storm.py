@@ -46,18 +46,17 @@ import contextlib
 import json
 import random
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 
 import aiohttp
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from switchyard.common.v1 import common_pb2
 from switchyard.router.v1 import router_pb2, router_pb2_grpc
 from switchyard.worker.v1 import worker_pb2, worker_pb2_grpc
 
+from services.worker.metrics import read_counters
 from tests.router.conftest import KEYS, Worker, free_port, router_config
 
 SEED = 1729
@@ -85,17 +84,9 @@ class MeteredWorker(Worker):
                 f.write(f"metrics_port: {self.metrics_port}\n")
         super().start()
 
-    def counters(self) -> Counter:
-        """The worker's counters by name (without the prefix), summed over their labels."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        out: Counter = Counter()
-        for fam in text_string_to_metric_families(text):
-            if fam.type == "counter":
-                for s in fam.samples:
-                    if s.name.endswith("_total"):
-                        out[s.name.removeprefix("switchyard_worker_")] += s.value
-        return out
+    def counters(self) -> dict[str, float]:
+        """The worker's counters by name (no prefix, no _total), summed over their labels."""
+        return read_counters(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
 
 @dataclass
@@ -314,8 +305,8 @@ def test_cancellation_storm_frees_every_block_and_counts_the_waste(storm_workers
     for w in workers:
         w.wait_idle(timeout=30)  # nothing running or queued, every KV block free
     after = [w.counters() for w in workers]
-    delta = sum(after, Counter())
-    delta.subtract(sum(before, Counter()))
+    delta = sum(map(Counter, after), Counter())
+    delta.subtract(sum(map(Counter, before), Counter()))
 
     finished_tokens = wasted_floor = aborted_floor = aborted_ceiling = prefill_floor = 0
     for spec, out in zip(specs, outcomes):
@@ -351,9 +342,9 @@ def test_cancellation_storm_frees_every_block_and_counts_the_waste(storm_workers
           f"{dict(sorted(counts.items()))}; Abort RPC outcomes: {dict(abort_rpc)}; "
           f"worker counter deltas: { {k: int(v) for k, v in sorted(delta.items())} }")
 
-    generated, wasted = delta["generation_tokens_total"], delta["aborted_generation_tokens_total"]
+    generated, wasted = delta["generation_tokens"], delta["aborted_generation_tokens"]
     assert generated - wasted == finished_tokens, (generated, wasted, finished_tokens)
     assert wasted >= wasted_floor > 0
-    assert aborted_floor <= delta["aborted_requests_total"] <= aborted_ceiling
-    assert prefill_floor <= delta["aborted_prompt_tokens_total"] <= delta["prompt_tokens_total"]
+    assert aborted_floor <= delta["aborted_requests"] <= aborted_ceiling
+    assert prefill_floor <= delta["aborted_prompt_tokens"] <= delta["prompt_tokens"]
     assert prefill_floor > 0

@@ -29,6 +29,7 @@ from switchyard.common.v1 import common_pb2
 
 from services.router.server import RouterServer
 from tests.cache.conftest import RedisServer
+from tests.reliability.parts import embedder
 from tests.router.conftest import KEYS, LoopThread, Worker, free_port, router_config
 from tests.router.helpers import complete, md, request, stub
 from tests.router.test_failures import _pinned_system_prompt, _wait
@@ -187,14 +188,7 @@ class CacheStack:
     """A private Redis and the cache service on fixed ports, each stoppable and restartable."""
 
     def __init__(self, tmp):
-        import torch
-
-        from services.cache.embedder import MiniLMEmbedder
-        from services.common.assets import minilm_dir
-        from services.router.classifier.embedder import build_minilm
-
-        fast = build_minilm(minilm_dir(), max_tokens=256, dtype=torch.bfloat16)
-        self.embedder = MiniLMEmbedder(fast, dim=384)
+        self.embedder = embedder()
         self.redis = RedisServer(tmp)
         self.redis.start()
         self.port = free_port()

@@ -71,15 +71,20 @@ class Worker:
     """
 
     def __init__(self, model: str, worker_id: str, tier: str = "small", port: int = 0,
-                 tmp: Path | None = None, extra_args: tuple[str, ...] = ()):
-        """`extra_args`: more `python -m services.worker` flags (later ones win)."""
+                 tmp: Path | None = None, extra_args: tuple[str, ...] = (),
+                 settings: dict[str, Any] | None = None, log_level: str = "WARNING",
+                 client_tls=None):
+        """`extra_args`: more `python -m services.worker` flags (later ones win); `settings`:
+        WorkerConfig fields for its --config file (tls, health_port, tracing, ...);
+        `client_tls`: what the test's channel presents (services.common.tls.ClientTls)."""
         self.model, self.worker_id, self.tier = model, worker_id, tier
-        self.extra_args = extra_args
-        config = (tmp or Path("/tmp")) / f"worker-{worker_id}-{uuid.uuid4().hex[:6]}.yaml"
+        self.extra_args, self.log_level, self.client_tls = extra_args, log_level, client_tls
         # WatchLoad every 50 ms (the CLI has no flag for it; a --config file does).
-        config.write_text("load_interval_ms: 50\nmin_load_interval_ms: 20\n")
-        self.config_path = config
+        self.settings = {"load_interval_ms": 50, "min_load_interval_ms": 20, **(settings or {})}
+        self.config_path = (tmp or Path("/tmp")) / f"worker-{worker_id}-{uuid.uuid4().hex[:6]}.yaml"
         self.port = port
+        self.output: list[str] = []
+        """Every line the process printed (kept for tests that inspect it)."""
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -88,7 +93,12 @@ class Worker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", SWITCHYARD_LOG_LEVEL="WARNING")
+        import yaml
+
+        from services.common.tls import sync_channel
+
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+        env = dict(os.environ, OMP_NUM_THREADS="1", SWITCHYARD_LOG_LEVEL=self.log_level)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.worker", "--config", str(self.config_path),
              "--model", self.model, "--tier", self.tier, "--worker-id", self.worker_id,
@@ -96,16 +106,26 @@ class Worker:
              "--block-size", "16", "--num-kv-blocks", "256", "--drain-timeout-s", "2",
              *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        line = self.proc.stdout.readline()
-        assert "listening on" in line, line
+        # At DEBUG, log lines may come first; the process exits (EOF) if it cannot start.
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if "listening on" in line:
+                break
+        else:
+            raise AssertionError(f"worker {self.worker_id} did not start:\n{self.text()}")
         self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
         threading.Thread(target=self._echo, daemon=True).start()
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = sync_channel(self.address, [], self.client_tls)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
 
     def _echo(self) -> None:
         for line in self.proc.stdout:  # keep the pipe drained; show worker errors
+            self.output.append(line)
             sys.stderr.write(f"[{self.worker_id}] {line}")
+
+    def text(self) -> str:
+        """Everything the process printed so far."""
+        return "".join(self.output)
 
     def wait_serving(self, timeout: float = 120.0) -> None:
         from services.worker.client import wait_serving
