@@ -14,7 +14,8 @@ services.router`, one thread, classifier off, no response cache). Then:
    --duration-s seconds, each request a seeded raw prompt (--min/--max-prompt-tokens) with
    greedy `ignore_eos` decoding of --max-tokens tokens, streamed through the router's gRPC
    Generate. A request counts toward goodput when it finishes with TTFT <= --slo-ttft-ms and
-   TPOT <= --slo-tpot-ms (client-side). Refusals (RESOURCE_EXHAUSTED with a retry hint) are
+   TPOT <= --slo-tpot-ms (client-side); goodput = such requests per second from the first
+   request sent to the last one answered. Refusals (RESOURCE_EXHAUSTED with a retry hint) are
    counted, not retried.
 
 Prints a table (offered, finished, refused, errors, goodput req/s, TTFT/TPOT p50/p99) and
@@ -59,6 +60,7 @@ class Outcome:
     tpot_s: float | None = None
     tokens: int = 0
     retry_after: str | None = None
+    ended: float = 0.0
 
 
 def start(c: Cluster, args: argparse.Namespace) -> str:
@@ -115,7 +117,9 @@ async def one(stub, prompt: str, max_tokens: int) -> Outcome:
         code = exc.code()
         out.status = "refused" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else code.name
         out.retry_after = dict(await call.trailing_metadata() or ()).get("retry-after")
+        out.ended = time.perf_counter()
         return out
+    out.ended = time.perf_counter()
     out.ttft_s = first - out.sent if first is not None else None
     if first is not None and out.tokens > 1:
         out.tpot_s = (last - first) / (out.tokens - 1)
@@ -160,8 +164,10 @@ async def open_loop(target: str, prompts: list[str], rate: float, seconds: float
         return list(await asyncio.gather(*tasks))
 
 
-def summarize(level: float, rate: float, seconds: float, outs: list[Outcome],
-              args: argparse.Namespace) -> dict:
+def summarize(level: float, rate: float, outs: list[Outcome], args: argparse.Namespace) -> dict:
+    """Goodput = requests that met both SLOs per second of the whole run, from the first
+    request sent to the last one answered (the tail after the sending window included)."""
+    seconds = max(o.ended for o in outs) - min(o.sent for o in outs)
     ok = [o for o in outs if o.status == "ok"]
     good = [o for o in ok if o.ttft_s is not None and o.ttft_s * 1000 <= args.slo_ttft_ms
             and (o.tpot_s is None or o.tpot_s * 1000 <= args.slo_tpot_ms)]
@@ -173,7 +179,7 @@ def summarize(level: float, rate: float, seconds: float, outs: list[Outcome],
     return {"level": level, "offered_rps": rate, "sent": len(outs), "finished": len(ok),
             "refused": len(refused),
             "refused_with_retry_hint": sum(1 for o in refused if o.retry_after),
-            "errors": errors, "goodput_rps": len(good) / seconds,
+            "errors": errors, "goodput_rps": len(good) / seconds, "run_s": seconds,
             "slo_met_share_of_finished": len(good) / len(ok) if ok else 0.0,
             "ttft_s": pct([o.ttft_s for o in ok if o.ttft_s is not None]),
             "tpot_s": pct([o.tpot_s for o in ok if o.tpot_s is not None])}
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, level in enumerate(levels):
                 outs = asyncio.run(open_loop(target, prompts, level * capacity, args.duration_s,
                                              args.max_tokens, args.seed + i))
-                rows.append(summarize(level, level * capacity, args.duration_s, outs, args))
+                rows.append(summarize(level, level * capacity, outs, args))
                 print(f"{level:g}x done: goodput {rows[-1]['goodput_rps']:.2f} req/s",
                       flush=True)
         finally:
