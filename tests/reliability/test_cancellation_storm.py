@@ -78,11 +78,12 @@ class MeteredWorker(Worker):
     """A worker process that also serves Prometheus /metrics (the session's have none)."""
 
     def start(self) -> None:
-        if not hasattr(self, "metrics_port"):  # a restart keeps its port
-            self.metrics_port = free_port()
-            with self.config_path.open("a") as f:
-                f.write(f"metrics_port: {self.metrics_port}\n")
+        self.settings.setdefault("metrics_port", free_port())  # a restart keeps its port
         super().start()
+
+    @property
+    def metrics_port(self) -> int:
+        return self.settings["metrics_port"]
 
     def counters(self) -> dict[str, float]:
         """The worker's counters by name (no prefix, no _total), summed over their labels."""
