@@ -171,52 +171,32 @@ async def run(chaos: Chaos, args: argparse.Namespace) -> dict:
     stop = asyncio.Event()
     clients = [asyncio.create_task(traffic(chaos.target, phase, stop, args, i))
                for i in range(args.concurrency)]
-    half = args.phase_s / 2
     loop = asyncio.get_running_loop()
 
-    async def in_thread(fn, *a):
-        await loop.run_in_executor(None, fn, *a)
-
-    async def steady():
-        await asyncio.sleep(args.phase_s)
-
-    async def worker_kill():
-        chaos.stop("small-0", signal.SIGKILL)
-        await asyncio.sleep(half)
-        chaos.restart("small-0")
-        await asyncio.sleep(half)
-
-    async def worker_freeze():
-        chaos.send("small-1", signal.SIGSTOP)
-        await asyncio.sleep(half)
-        chaos.send("small-1", signal.SIGCONT)
-        await asyncio.sleep(half)
-
-    async def redis_restart():
-        chaos.stop("redis", signal.SIGKILL)
-        await asyncio.sleep(half)
-        chaos.restart("redis")
-        await asyncio.sleep(half)
-
-    async def cache_restart():
-        await in_thread(chaos.stop, "cache")
-        await asyncio.sleep(half)
-        chaos.restart("cache")
-        await asyncio.sleep(half)
-
-    async def router_restart():
-        await in_thread(chaos.stop, "router")
+    def restart_router() -> None:
+        chaos.stop("router")
         chaos.restart("router")
-        await asyncio.sleep(args.phase_s)
 
-    phases = [("steady", steady), ("worker SIGKILL", worker_kill),
-              ("worker SIGSTOP", worker_freeze), ("redis restart", redis_restart),
-              ("cache restart", cache_restart), ("router restart", router_restart),
-              ("steady after", steady)]
-    for name, action in phases:
+    # (phase, inject, heal): inject at the start, heal halfway (None: nothing to do).
+    phases = [
+        ("steady", None, None),
+        ("worker SIGKILL", lambda: chaos.stop("small-0", signal.SIGKILL),
+         lambda: chaos.restart("small-0")),
+        ("worker SIGSTOP", lambda: chaos.send("small-1", signal.SIGSTOP),
+         lambda: chaos.send("small-1", signal.SIGCONT)),
+        ("redis restart", lambda: chaos.stop("redis", signal.SIGKILL),
+         lambda: chaos.restart("redis")),
+        ("cache restart", lambda: chaos.stop("cache"), lambda: chaos.restart("cache")),
+        ("router restart", restart_router, None),
+        ("steady after", None, None),
+    ]
+    for name, inject, heal in phases:
         phase["name"] = name
         print(f"phase: {name}", flush=True)
-        await action()
+        for action in (inject, heal):
+            if action is not None:  # in a thread: stopping waits for the process to exit
+                await loop.run_in_executor(None, action)
+            await asyncio.sleep(args.phase_s / 2)
     stop.set()
     await asyncio.gather(*clients)
     return phase["records"]
