@@ -141,3 +141,20 @@ def test_p2c_prefers_the_less_loaded_and_affinity_yields_when_overloaded():
     busy.load = LoadSnapshot("busy:1", "m", 2, 0, 64, 100, 100, True)  # within the slack
     assert bal.pick(Tier.SMALL, prompt, set()) .reason == "affinity"
     assert bal.pick(Tier.SMALL, prompt, {busy}).replica is idle
+
+
+def test_example_config_parses_with_and_without_its_tls_block(tmp_path):
+    """The README points at services/router/router.example.yaml; its commented `tls:` block
+    must stay valid too."""
+    from pathlib import Path
+
+    from services.router.config import load_config
+
+    example = Path(__file__).resolve().parents[2] / "services/router/router.example.yaml"
+    plain = load_config(example)
+    assert plain.tls.server is None and plain.max_in_flight == 1024
+    text = example.read_text().replace("# tls:", "tls:").replace("\n#   ", "\n  ")
+    (tmp_path / "tls.yaml").write_text(text)
+    with_tls = load_config(tmp_path / "tls.yaml")
+    assert with_tls.tls.server.require_client_cert and with_tls.tls.health_port == 50052
+    assert with_tls.tls.workers.cert_file.endswith("router-client.crt")
