@@ -59,11 +59,22 @@ def _available_memory(device: torch.device) -> int:
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed tensor. On CPU an anonymous mapping gives zero pages lazily: a multi-GB KV pool
-    costs nothing until used (torch.zeros memsets every page: ~1.4 s/GiB on this machine)."""
+    costs nothing until used (torch.zeros memsets every page: ~1.4 s/GiB on this machine).
+
+    The mapping asks for transparent huge pages. Decode writes each new token's K/V rows into
+    pages touched for the first time, and with 4 KiB pages that is a page fault every ~5 tokens
+    per sequence and layer: 4.7 ms of a 90 ms step at 32 sequences of SmolLM2 (measured; 0.9 ms
+    with huge pages). Where THP is off ("never"), the advice is ignored.
+    """
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError as e:  # e.g. a kernel built without THP
+            logger.debug("no huge pages for the KV pool: %s", e)
     return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
 
 

@@ -46,6 +46,9 @@ class AttentionMetadata:
     """Set by `plan_decode`: the step's single-token rows, for one batched attention call."""
     decode_groups: "list[DecodeBatch] | None" = None
     """The same rows cut into length buckets; built on first use by the torch backend."""
+    slots_checked: bool = False
+    """Set by a backend once it has range-checked slot_mapping, so later layers of the step
+    skip the check (slot_mapping is the same for every layer)."""
 
     @property
     def num_seqs(self) -> int:

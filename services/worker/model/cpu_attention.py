@@ -25,7 +25,19 @@ def _supports(device: torch.device, dtype: torch.dtype) -> bool:
 class CpuAttention(TorchAttention):
     """TorchAttention whose decode rows run in one native paged-attention call per layer."""
 
-    write_kv = staticmethod(native.write_kv)
+    @staticmethod
+    def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        # __call__ range-checked slot_mapping once for the step
+        native.write_kv(kv_cache, k, v, slot_mapping, check=False)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        if kv_cache is not None and not meta.slots_checked:
+            _, nb, bs = kv_cache.shape[:3]
+            native.check_slots(meta.slot_mapping, nb * bs)
+            meta.slots_checked = True
+        return super().__call__(q, k, v, scale, kv_cache, meta)
 
     def decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                scale: float, out: torch.Tensor) -> None:

@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.worker.native import fused_ops
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, optionally fused with the residual add.
+
+On CPU in float32 one native pass does both (native/fused_ops.c); the torch code below is
+its reference and the fallback.
 
     `forward(x)` returns the normed x; `forward(x, residual)` adds first and returns
     (normed(x + residual), x + residual), so a decoder layer keeps one running residual stream.
@@ -32,6 +37,9 @@ class RMSNorm(nn.Module):
             from services.worker.kernels.rmsnorm import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
+        if fused_ops.supports(x) and x.is_contiguous() and (
+                residual is None or residual.is_contiguous()):
+            return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -42,5 +50,7 @@ class SiluAndMul(nn.Module):
     """SwiGLU activation over a fused [gate | up] projection: [T, 2I] -> [T, I]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.supports(x) and x.is_contiguous():
+            return fused_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

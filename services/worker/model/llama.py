@@ -33,10 +33,7 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
-        # q and k heads sit side by side: one RoPE call over [T, Hq + Hkv, D] rotates both.
-        qk = self.rotary.rotate(rope, qkv[:, : self.q_size + self.kv_size].view(
-            t, self.num_heads + self.num_kv_heads, self.head_dim))
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = self.rotary.rotate_qk(rope, qkv, self.num_heads, self.num_kv_heads)
         v = qkv[:, self.q_size + self.kv_size:].view(t, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.q_size))

@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from services.worker.native import fused_ops
+
 from .config import ModelConfig, RopeScaling, UnsupportedModel
 
 InvFreqFn = Callable[[torch.Tensor, RopeScaling], torch.Tensor]
@@ -87,6 +89,20 @@ class RotaryEmbedding(nn.Module):
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos_sin from `lookup`; q: [T, Hq, D]; k: [T, Hkv, D] -> rotated (q, k)."""
         return self.rotate(cos_sin, q), self.rotate(cos_sin, k)
+
+    def rotate_qk(self, cos_sin: tuple[torch.Tensor, torch.Tensor], qkv: torch.Tensor,
+                  num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated q [T, Hq, D] and k [T, Hkv, D] from a fused projection qkv [T, (Hq + 2 Hkv) * D].
+
+        On CPU in float32 one native call writes both as contiguous tensors (what attention
+        and the KV write want); elsewhere q and k are views of one rotated [T, Hq + Hkv, D]."""
+        d = self.head_dim
+        if fused_ops.supports(qkv) and qkv.stride(-1) == 1:
+            cos, sin = cos_sin
+            return fused_ops.rope_qk(qkv, cos, sin, num_heads, num_kv_heads, d, self.rotary_dim)
+        qk = self.rotate(cos_sin, qkv[:, : (num_heads + num_kv_heads) * d].view(
+            qkv.shape[0], num_heads + num_kv_heads, d))
+        return qk.split([num_heads, num_kv_heads], dim=1)
 
     def rotate(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Rotates every head of x: [T, H, D] -> [T, H, D]. Callers rotate q and k heads in one

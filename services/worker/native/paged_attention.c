@@ -112,6 +112,28 @@ static inline __m256 hsum8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4
                          _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* Decode attention reads each K/V row once, so it runs at the speed memory delivers rows.
+ * Blocks sit at scattered addresses and one head's rows are 1/Hkv of each block's bytes (a
+ * strided pattern the hardware prefetchers do not follow across blocks): left alone, a core waits
+ * on each block's misses and reads ~6 GB/s. Prefetching the block two ahead into L2 overlaps
+ * those misses with the current block's arithmetic: 34 -> 23 ms per step for all 30 layers of
+ * SmolLM2 at 32 sequences of ~275 tokens on the 2-core machine (L1 hints and one block ahead
+ * gave less; measured). */
+#define PREFETCH_AHEAD 2
+
+static inline void prefetch_block(const float *k_cache, const float *v_cache, int64_t blk,
+                                  int64_t block_stride, int64_t token_stride, int64_t head_off,
+                                  int64_t block_size, int64_t head_dim) {
+    const char *k = (const char *)(k_cache + blk * block_stride + head_off);
+    const char *v = (const char *)(v_cache + blk * block_stride + head_off);
+    const int64_t row = token_stride * (int64_t)sizeof(float);
+    for (int64_t t = 0; t < block_size; t++)
+        for (int64_t off = 0; off < head_dim * (int64_t)sizeof(float); off += 64) {
+            _mm_prefetch(k + t * row + off, _MM_HINT_T1);
+            _mm_prefetch(v + t * row + off, _MM_HINT_T1);
+        }
+}
+
 /* AVX2 path for head_dim % 32 == 0 and block_size % 8 == 0. Scores are computed for whole
  * blocks; those of rows past the sequence end (stale or zero memory) are overwritten with
  * NEG_BIG before the softmax, and the value sum stops at the sequence end, so stale rows never
@@ -148,6 +170,10 @@ static void decode_avx2(float *out, const float *q, const float *k_cache, const 
             const int64_t blk = block_table[b * max_blocks + start / block_size];
             const float *kb = k_cache + blk * block_stride + h * head_dim;
             const float *vb = v_cache + blk * block_stride + h * head_dim;
+            if (start + PREFETCH_AHEAD * block_size < len)
+                prefetch_block(k_cache, v_cache,
+                               block_table[b * max_blocks + start / block_size + PREFETCH_AHEAD],
+                               block_stride, token_stride, h * head_dim, block_size, head_dim);
             /* scores, 8 tokens at a time: 8 independent FMA chains, then one 8-way reduction */
             for (int64_t g = 0; g < group; g++) {
                 for (int64_t t0 = 0; t0 < block_size; t0 += 8) {
@@ -237,13 +263,32 @@ int paged_decode_attention_uses_avx2(int64_t head_dim, int64_t block_size) {
 }
 
 /* Scatters n new K and V rows (row_elems floats each: Hkv * D) into the paged cache halves at
- * flat slot indices (block * block_size + offset). One memcpy per row: torch's index_copy_
- * costs ~20-40 us per call here, mostly dispatch and thread wake-up, for a few KB of data. */
+ * flat slot indices (block * block_size + offset). Source row i starts at k + i * k_stride (and
+ * v + i * v_stride): k and v may be row views of a wider tensor (v of the fused qkv projection).
+ * One copy per row: torch's index_copy_ costs ~20-40 us per call here, mostly dispatch and thread
+ * wake-up, for a few KB of data. */
 void paged_kv_write_f32(float *k_cache, float *v_cache, const float *k, const float *v,
-                        const int64_t *slots, int64_t n, int64_t row_elems) {
+                        const int64_t *slots, int64_t n, int64_t row_elems, int64_t k_stride,
+                        int64_t v_stride) {
     const size_t bytes = (size_t)row_elems * sizeof(float);
+#if defined(__AVX2__) && defined(__FMA__)
+    /* Streaming stores: the destination lines are cold (the pool is far larger than the
+     * caches), and a normal store first reads each line from memory. */
+    if (row_elems % 8 == 0 && ((uintptr_t)k_cache | (uintptr_t)v_cache) % 32 == 0) {
+        for (int64_t i = 0; i < n; i++) {
+            float *kd = k_cache + slots[i] * row_elems, *vd = v_cache + slots[i] * row_elems;
+            const float *ks = k + i * k_stride, *vs = v + i * v_stride;
+            for (int64_t j = 0; j < row_elems; j += 8) {
+                _mm256_stream_ps(kd + j, _mm256_loadu_ps(ks + j));
+                _mm256_stream_ps(vd + j, _mm256_loadu_ps(vs + j));
+            }
+        }
+        _mm_sfence();  /* the attention call that follows reads these rows */
+        return;
+    }
+#endif
     for (int64_t i = 0; i < n; i++) {
-        memcpy(k_cache + slots[i] * row_elems, k + i * row_elems, bytes);
-        memcpy(v_cache + slots[i] * row_elems, v + i * row_elems, bytes);
+        memcpy(k_cache + slots[i] * row_elems, k + i * k_stride, bytes);
+        memcpy(v_cache + slots[i] * row_elems, v + i * v_stride, bytes);
     }
 }

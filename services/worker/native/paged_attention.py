@@ -41,7 +41,7 @@ def _writer():
     if _write is None:
         fn = load("paged_attention").paged_kv_write_f32
         fn.restype = None
-        fn.argtypes = [_PTR] * 5 + [_I64] * 2
+        fn.argtypes = [_PTR] * 5 + [_I64] * 4
         _write = fn
     return _write
 
@@ -60,27 +60,42 @@ def available() -> bool:
         return _state
 
 
+def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """Raises IndexError unless every slot is in [0, num_slots): a bad slot would make the
+    native write go out of bounds. slot_mapping: [T] int64."""
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.dim() == 1
+    if slot_mapping.numel() == 0:
+        return
+    lo, hi = torch.aminmax(slot_mapping)
+    if int(lo) < 0 or int(hi) >= num_slots:
+        raise IndexError(f"slot_mapping out of range [0, {num_slots}): {int(lo)}..{int(hi)}")
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, *, check: bool = True) -> None:
     """Scatters new K/V rows into the paged cache, as attention.write_kv does.
 
-    kv_cache: [2, NB, BS, Hkv, D] float32 contiguous; k, v: [T, Hkv, D] float32;
-    slot_mapping: [T] int64 flat slots in [0, NB * BS) (checked: a bad slot would write out of
-    bounds).
+    kv_cache: [2, NB, BS, Hkv, D] float32 contiguous; k, v: [T, Hkv, D] float32, each row's
+    heads contiguous (rows may be strided, e.g. views into the fused qkv projection);
+    slot_mapping: [T] int64 flat slots in [0, NB * BS). `check=False` skips the range check for
+    callers that ran `check_slots` on this slot_mapping already (once per step, not per layer).
     """
     _, nb, bs, hkv, d = kv_cache.shape
     t = slot_mapping.shape[0]
     assert kv_cache.dtype == k.dtype == v.dtype == torch.float32, "float32 only"
     assert kv_cache.is_contiguous() and slot_mapping.dtype == torch.int64
+    assert slot_mapping.is_contiguous()
     assert k.shape == v.shape == (t, hkv, d), (k.shape, v.shape, kv_cache.shape)
     if t == 0:
         return
-    lo, hi = torch.aminmax(slot_mapping)
-    if int(lo) < 0 or int(hi) >= nb * bs:
-        raise IndexError(f"slot_mapping out of range [0, {nb * bs}): {int(lo)}..{int(hi)}")
-    k, v = k.contiguous(), v.contiguous()
+    if check:
+        check_slots(slot_mapping, nb * bs)
+    if k.stride()[1:] != (d, 1):
+        k = k.contiguous()
+    if v.stride()[1:] != (d, 1):
+        v = v.contiguous()
     _writer()(kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), k.data_ptr(), v.data_ptr(),
-              slot_mapping.data_ptr(), t, hkv * d)
+              slot_mapping.data_ptr(), t, hkv * d, k.stride(0), v.stride(0))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
