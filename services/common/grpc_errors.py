@@ -7,6 +7,8 @@ logged and reported as INTERNAL without leaking internals to the caller.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -50,14 +52,39 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     await context.abort(code, _details(str(exc)))
 
 
+_closing: set[asyncio.Task] = set()
+
+
+def _close_soon(items: Any) -> None:
+    """Closes a stream handler's generator from a done callback (on the server's loop)."""
+    async def close() -> None:
+        try:
+            await items.aclose()
+        except RuntimeError:  # still running: the cancelled handler task's own exit closes it
+            pass
+        except Exception:  # noqa: BLE001 - a cleanup error must not go unseen
+            logger.exception("closing a stream handler failed")
+
+    task = asyncio.get_running_loop().create_task(close())
+    _closing.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_closing.discard)
+
+
 def maps_errors(handler: Callable) -> Callable:
     """Wraps an aio servicer method (unary or server-streaming) with the status mapping."""
     if inspect.isasyncgenfunction(handler):
         @functools.wraps(handler)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext):
+            items = handler(self, request, context)
+            # When an RPC ends during a write (client cancelled, connection lost), grpc aio
+            # leaves the handler suspended at its `yield`: nothing resumes or closes it, so its
+            # cleanup (aborting engine work, cancelling upstream calls) would wait for garbage
+            # collection, and the work behind it ran to the end. Close it when the RPC ends.
+            context.add_done_callback(lambda _ctx: _close_soon(items))
             try:
-                async for item in handler(self, request, context):
-                    yield item
+                async with contextlib.aclosing(items):
+                    async for item in items:
+                        yield item
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -60,9 +61,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(self, request, context):
         req = self._request(request, context, stream=True)
         try:
-            async for event in self.router.generate(req):
-                yield (convert.chunk_to_pb(event) if isinstance(event, Chunk)
-                       else convert.final_to_pb(event))
+            # aclosing: leaving at a yield (the RPC ended) cancels the worker call at once
+            async with contextlib.aclosing(self.router.generate(req)) as events:
+                async for event in events:
+                    yield (convert.chunk_to_pb(event) if isinstance(event, Chunk)
+                           else convert.final_to_pb(event))
         except RateLimited as exc:
             self._retry_after(context, exc)
             raise

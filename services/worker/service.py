@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -79,15 +80,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             prompt_ids = self.tokenizer.encode(convert.prompt_text(request, self.tokenizer))
             self._in_flight.add(rid)  # no await since the check: nobody else got in between
             try:
-                async for event in self.engine.generate(rid, prompt_ids, params):
-                    obs.on_event(event)
-                    if event.text or event.token_ids:
-                        yield convert.chunk(event, self.tokenizer)
-                    if event.completion is not None:
-                        final = convert.complete(event.completion, self.model_id,
-                                                 self.quantization)
-                        obs.on_complete(event.completion, final)
-                        yield final
+                # aclosing: leaving this loop at a yield (the RPC ended) must close the engine
+                # stream at once, which aborts the request and frees its KV blocks.
+                events = self.engine.generate(rid, prompt_ids, params)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        obs.on_event(event)
+                        if event.text or event.token_ids:
+                            yield convert.chunk(event, self.tokenizer)
+                        if event.completion is not None:
+                            final = convert.complete(event.completion, self.model_id,
+                                                     self.quantization)
+                            obs.on_complete(event.completion, final)
+                            yield final
             finally:
                 self._in_flight.discard(rid)
 

@@ -39,6 +39,8 @@ def _load() -> None:
 def available() -> bool:
     """True when the library is built and loadable here (tried once per process)."""
     global _state
+    if _state is not None:  # decided: no lock on the per-op path
+        return _state
     with _lock:
         if _state is None:
             try:
