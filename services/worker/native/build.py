@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -111,3 +112,27 @@ def load(name: str) -> ctypes.CDLL:
     if lib is None:
         raise NativeBuildError(f"native kernel {name!r} failed to build earlier in this process")
     return lib
+
+
+class Probe:
+    """`probe()` says whether a native library builds and loads here: `setup` (which loads it
+    and binds its functions) runs once per process; a failure is logged once and callers fall
+    back to torch. After the first call the answer is read without a lock (per-op paths)."""
+
+    def __init__(self, what: str, setup: Callable[[], object]) -> None:
+        self._what, self._setup = what, setup
+        self._state: bool | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        if self._state is not None:
+            return self._state
+        with self._lock:
+            if self._state is None:
+                try:
+                    self._setup()
+                    self._state = True
+                except NativeBuildError as e:
+                    logger.warning("%s unavailable, using torch: %s", self._what, e)
+                    self._state = False
+            return self._state

@@ -8,14 +8,11 @@ torch code when it did not. ctypes releases the GIL for the call, as torch ops d
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 
 import torch
 
-from .build import NativeBuildError, load
+from .build import Probe, load
 
-logger = logging.getLogger(__name__)
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 _SIGNATURES = {
@@ -24,8 +21,6 @@ _SIGNATURES = {
     "rope_qk_f32": [_PTR] * 5 + [_I64] * 6 + [_INT],
 }
 _fns: dict[str, ctypes._CFuncPtr] = {}
-_state: bool | None = None
-_lock = threading.Lock()
 
 
 def _load() -> None:
@@ -36,20 +31,8 @@ def _load() -> None:
         _fns[name] = fn
 
 
-def available() -> bool:
-    """True when the library is built and loadable here (tried once per process)."""
-    global _state
-    if _state is not None:  # decided: no lock on the per-op path
-        return _state
-    with _lock:
-        if _state is None:
-            try:
-                _load()
-                _state = True
-            except NativeBuildError as e:
-                logger.warning("native fused ops unavailable, using torch: %s", e)
-                _state = False
-        return _state
+available = Probe("native fused ops", _load)
+"""available() -> bool: whether the library is built and loadable here (tried once per process)."""
 
 
 def supports(x: torch.Tensor) -> bool:

@@ -8,18 +8,13 @@ kernel; `paged_decode_attention_ref` is the pure-torch reference the tests compa
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 
 import torch
 
-from .build import NativeBuildError, load
+from .build import Probe, load
 
-logger = logging.getLogger(__name__)
 
 _fn = None
-_state: bool | None = None
-_lock = threading.Lock()
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -46,18 +41,8 @@ def _writer():
     return _write
 
 
-def available() -> bool:
-    """True when the kernel is built and loadable here (tried once per process)."""
-    global _state
-    with _lock:
-        if _state is None:
-            try:
-                _kernel()
-                _state = True
-            except NativeBuildError as e:
-                logger.warning("native paged attention unavailable, using torch: %s", e)
-                _state = False
-        return _state
+available = Probe("native paged attention", _kernel)
+"""available() -> bool: whether the kernel is built and loadable here (tried once per process)."""
 
 
 def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
