@@ -57,6 +57,9 @@ _closing: set[asyncio.Task] = set()
 
 def _close_soon(items: Any) -> None:
     """Closes a stream handler's generator from a done callback (on the server's loop)."""
+    if items.ag_frame is None:  # ran to its end or already closed: the usual case
+        return
+
     async def close() -> None:
         try:
             await items.aclose()
