@@ -102,18 +102,18 @@ def _time(fn, repeats: int) -> float:
 @torch.inference_mode()
 def run_rows(args) -> dict:
     """Linear layers only: float32 packed vs each quantized format's two CPU paths."""
-    from services.worker.model.cpu_linear import PackedLinear
+    from services.worker.model.cpu_linear import packed_linear_class
     from services.worker.quant.int4 import Int4Linear
     from services.worker.quant.int8 import Int8Linear
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # qkv o gu down head
-    layers = []
+    layers, packed = [], packed_linear_class()
     for n, k in shapes:
         w = torch.randn(n, k, generator=gen) * 0.05
         lin = torch.nn.Linear(k, n, bias=False)
         lin.weight.data = w
-        layers.append((k, PackedLinear(lin), Int8Linear.from_float(w), Int4Linear.from_float(w)))
+        layers.append((k, packed(lin), Int8Linear.from_float(w), Int4Linear.from_float(w)))
     out = {}
     print(f"{'rows':>5} {'part':<6}{'float32':>9}{'int8 kern':>11}{'int8 deq':>10}"
           f"{'int4 kern':>11}{'int4 deq':>10}   (ms)")

@@ -37,6 +37,16 @@ def test_greedy_is_argmax_per_row():
     assert torch.equal(out.token_ids, logits.argmax(-1))
 
 
+def test_greedy_takes_the_first_of_tied_maxima():
+    """Ties (common after penalties or in low-precision logits) go to the lowest token id, in
+    every row of a batch wide enough for the vectorized reduction."""
+    logits = torch.zeros(3, 49152)
+    logits[0, [7, 20848, 40000]] = 5.0
+    logits[1, [48000, 30000]] = 2.0
+    out = _sample(logits, [SamplingParams(temperature=0.0)] * 3)
+    assert out.token_ids.tolist() == [7, 30000, 0]
+
+
 def test_exponential_race_follows_the_distribution():
     freq = _draws(LOGITS, SamplingParams(temperature=1.0))
     assert torch.allclose(freq, LOGITS.exp(), atol=0.03), freq

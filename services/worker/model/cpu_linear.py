@@ -1,10 +1,16 @@
-"""oneDNN-prepacked linear layers for float32 on CPU, swapped in for nn.Linear after loading.
+"""Prepacked float32 linear layers for CPU, swapped in for nn.Linear after loading.
 
-oneDNN reorders a weight once into the blocked layout its GEMM kernels read best; torch's plain
-`F.linear` re-reads the row-major weight every call. Measured on the 2-core AVX2 machine, all
-SmolLM2 linears of one step (30 layers + LM head): 98.5 -> 52 ms at 32 rows, 21 -> 14 ms at 1
-row, 1217 -> 831 ms at 512 rows (relative error vs F.linear below 1e-5). The packing takes a
-batch-size hint but serves any number of rows.
+Two packings, best first:
+- `NativeLinear`: the worker's own kernel (native/linear.c). It streams the weights under the
+  FMAs, and each output row is computed the same way in any batch (batch invariant by
+  construction). All SmolLM2 linears of one step at 32 rows, cold weights: 42-44 ms against
+  oneDNN's 55-60 on the AVX-512 machine, 56 against 78 with both held to AVX2; 22-24 against
+  26-29 ms at 1 row; 497-548 against 490-510 ms at 512 rows (prefill).
+- `OneDnnLinear`: oneDNN reorders the weight once into its blocked layout (torch's plain
+  `F.linear` re-reads the row-major weight every call; 98.5 -> 52 ms at 32 rows on the AMD
+  machine). Used where the native library does not build.
+
+Reproduce with `bench/cpu_linear_bench.py`.
 """
 
 from __future__ import annotations
@@ -14,23 +20,42 @@ import logging
 import torch
 from torch import nn
 
+from services.worker.native import linear as native_linear
+
 logger = logging.getLogger(__name__)
 
-BATCH_HINT = 32
+ONEDNN_BATCH_HINT = 32
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return device.type == "cpu" and dtype == torch.float32 and (
+        native_linear.available() or torch.backends.mkldnn.is_available())
 
 
-class PackedLinear(nn.Module):
+class NativeLinear(nn.Module):
+    """y = x W^T + b with W packed for native/linear.c (inference only)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = native_linear.pack(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., in] -> [..., out]."""
+        return native_linear.linear(x, self.packed)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=native"
+
+
+class OneDnnLinear(nn.Module):
     """y = x W^T + b with W held as a oneDNN-packed tensor (inference only)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, ONEDNN_BATCH_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,16 +66,23 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replaces every nn.Linear in `model` by a PackedLinear; returns how many were replaced.
+def packed_linear_class() -> type[nn.Module]:
+    """The best packing this machine supports (the native kernel when it builds)."""
+    return NativeLinear if native_linear.available() else OneDnnLinear
 
-    A tied LM head gets its own packed copy; the embedding keeps the original matrix.
+
+def pack_linears(model: nn.Module, cls: type[nn.Module] | None = None) -> int:
+    """Replaces every nn.Linear in `model` by a packed layer; returns how many were replaced.
+
+    cls: NativeLinear or OneDnnLinear; None picks `packed_linear_class()`. A tied LM head gets
+    its own packed copy; the embedding keeps the original matrix.
     """
+    cls = cls or packed_linear_class()
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, cls(child))
                 count += 1
-    logger.info("packed %d linear layers for oneDNN", count)
+    logger.info("packed %d linear layers (%s)", count, cls.__name__)
     return count

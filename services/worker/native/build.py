@@ -27,12 +27,17 @@ from typing import Callable
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent
-CFLAGS = (
-    "-O3", "-march=native", "-fPIC", "-shared", "-fopenmp",
-    # Vectorized float reductions (dot products) and exp (glibc's libmvec) need fast math; the
-    # kernels keep every value finite, so its finite-math assumption holds.
-    "-ffast-math",
-)
+CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast")
+# Vectorized float reductions (dot products) and exp (glibc's libmvec) need fast math; those
+# kernels keep every value finite, so its finite-math assumption holds.
+FAST_MATH = ("-ffast-math",)
+LIBRARY_FLAGS: dict[str, tuple[str, ...]] = {
+    "paged_attention": FAST_MATH,
+    "fused_ops": FAST_MATH,
+    # No fast math: each output must stay one FMA chain in k order (batch invariance).
+    "linear": (),
+}
+"""Flags per library on top of CFLAGS; a library not listed here gets none."""
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -77,7 +82,8 @@ def build(name: str) -> Path:
     """Compiles `<name>.c` beside this module (if not cached) and returns the library path."""
     src = SOURCE_DIR / f"{name}.c"
     cc = _compiler()
-    key = hashlib.sha256(src.read_bytes() + " ".join(CFLAGS).encode()
+    flags = (*CFLAGS, *LIBRARY_FLAGS.get(name, ()))
+    key = hashlib.sha256(src.read_bytes() + " ".join(flags).encode()
                          + _compiler_id(cc).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if out.exists():
@@ -86,7 +92,7 @@ def build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(src), "-lm"],
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(src), "-lm"],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise NativeBuildError(f"compiling {src.name} failed:\n{proc.stderr.strip()}")
