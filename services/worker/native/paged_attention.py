@@ -110,6 +110,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     rc = _kernel()(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                    block_tables.data_ptr(), seq_lens.data_ptr(), b, hq, hkv, d, bs,
                    block_tables.shape[1], float(scale), torch.get_num_threads())
+    if rc == 2:
+        raise MemoryError("paged attention: no memory for the per-thread scratch")
     if rc != 0:
         raise ValueError(f"shape past the kernel's limits: group {hq // hkv}, head_dim {d}, "
                          f"block_size {bs} (max 16, 256, 64)")

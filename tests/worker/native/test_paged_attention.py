@@ -92,6 +92,25 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one, two)  # each (sequence, KV head) is one thread's work: no split sums
 
 
+def test_work_split_does_not_change_the_result():
+    """Whole-sequence items (enough sequences per thread) and (sequence, KV head) items (few
+    sequences) run the same per-head arithmetic: a sequence's output is bitwise the same alone
+    and inside a batch, with 1 or 2 threads."""
+    gen = torch.Generator().manual_seed(6)
+    q, kc, vc, tables, lens = _case(gen, 24, 9, 3, 64, 16, 6)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            batch = pa.paged_decode_attention(q, kc, vc, tables, lens, 0.125)
+            for i in (0, 1, 5, 23):
+                alone = pa.paged_decode_attention(q[i:i + 1], kc, vc, tables[i:i + 1],
+                                                  lens[i:i + 1], 0.125)
+                assert torch.equal(alone[0], batch[i]), (threads, i)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_wrapper_rejects_bad_inputs():
     gen = torch.Generator().manual_seed(1)
     q, kc, vc, tables, lens = _case(gen, 3, 9, 3, 64, 16, 2)
