@@ -45,6 +45,8 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--kv-cache-fraction", type=float, help="fraction of available memory")
     p.add_argument("--num-kv-blocks", type=int)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-kv-prefault", action="store_true",
+                   help="leave KV pages to be faulted in on first use (faster start, slower steps)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--trace-exporter", choices=sorted(EXPORTERS), help="span exporter (default none)")
     p.add_argument("--otlp-endpoint", help="host:port of an OTLP/gRPC collector")
@@ -83,6 +85,8 @@ def parse_args(argv: list[str]) -> WorkerConfig:
             cache[key] = getattr(args, flag)
     if args.no_prefix_caching:
         cache["enable_prefix_caching"] = False
+    if args.no_kv_prefault:
+        cache["prefault"] = False
     for f in dataclasses.fields(WorkerConfig):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in ("cache", "tracing", "tls"):

@@ -32,6 +32,10 @@ class CacheConfig:
     """Fraction in (0, 1] of free accelerator memory (after weights) given to the KV cache."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes across requests."""
+    prefault: bool = True
+    """CPU: fault in every page of the KV pool at startup. The kernel zeroes a page on first
+    touch (~0.9 s per GiB measured here), and without this that cost lands on the serving path,
+    in the steps that first write each block: 0.52 of a 6.5 s prefill phase at 32 requests."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or not is_power_of_two(self.block_size):

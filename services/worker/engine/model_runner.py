@@ -11,6 +11,7 @@ import logging
 import math
 import mmap
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,16 @@ def _available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+"""Linux >= 5.14: fault pages in writable now (Python 3.11's mmap module lacks the name)."""
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+           prefault: bool = False) -> torch.Tensor:
     """A zeroed tensor. On CPU an anonymous mapping gives zero pages lazily: a multi-GB KV pool
     costs nothing until used (torch.zeros memsets every page: ~1.4 s/GiB on this machine).
+    prefault: fault every page in now instead (after the huge-page advice, so it gets huge
+    pages), keeping first-touch zeroing off the serving path.
 
     The mapping asks for transparent huge pages. Decode writes each new token's K/V rows into
     pages touched for the first time, and with 4 KiB pages that is a page fault every ~5 tokens
@@ -75,7 +83,13 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
             buf.madvise(mmap.MADV_HUGEPAGE)
         except OSError as e:  # e.g. a kernel built without THP
             logger.debug("no huge pages for the KV pool: %s", e)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
+    tensor = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps `buf` alive
+    if prefault:
+        try:
+            buf.madvise(MADV_POPULATE_WRITE)
+        except OSError:  # kernel older than 5.14: touch one element per 4 KiB page instead
+            tensor.view(-1)[:: 4096 // tensor.element_size()].zero_()
+    return tensor
 
 
 def resolve_num_blocks(cfg: CacheConfig, bytes_per_block: int, device: torch.device) -> int:
@@ -104,11 +118,14 @@ class ModelRunner:
         self.num_blocks = resolve_num_blocks(cache_config, per_block, self.device)
         c = self.config
         shape = (c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
-        self._kv = _zeros(shape, self.kv_dtype, self.device)
+        start = time.perf_counter()
+        self._kv = _zeros(shape, self.kv_dtype, self.device, prefault=cache_config.prefault)
         # kv_caches[layer]: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
         self.kv_caches = list(self._kv.unbind(0))
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks,
-                    self.block_size, self.num_blocks * per_block / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB, %s in %.2f s)", self.num_blocks,
+                    self.block_size, self.num_blocks * per_block / 2**20,
+                    "faulted in" if cache_config.prefault else "lazy",
+                    time.perf_counter() - start)
         if self.device.type == "cuda":
             # Registers "triton" (priority 20, CUDA only); imported here so CPU workers never
             # need triton importable.
