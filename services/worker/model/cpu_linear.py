@@ -5,7 +5,7 @@ Two packings, best first:
   FMAs, and each output row is computed the same way in any batch (batch invariant by
   construction). All SmolLM2 linears of one step at 32 rows, cold weights: 42-44 ms against
   oneDNN's 55-60 on the AVX-512 machine, 56 against 78 with both held to AVX2; 22-24 against
-  26-29 ms at 1 row; 497-548 against 490-510 ms at 512 rows (prefill).
+  26-29 ms at 1 row; 542-578 against 507-540 ms at 512 rows (prefill, ~7% slower).
 - `OneDnnLinear`: oneDNN reorders the weight once into its blocked layout (torch's plain
   `F.linear` re-reads the row-major weight every call; 98.5 -> 52 ms at 32 rows on the AMD
   machine). Used where the native library does not build.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,16 +28,15 @@ def _weights(n: int, k: int, bias: bool, seed: int = 0):
     return w, (torch.randn(n, generator=g) if bias else None)
 
 
+@contextlib.contextmanager
 def _threads(n: int):
     """Runs the body with n torch threads, restoring the old count after."""
-    class _Ctx:
-        def __enter__(self):
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.old)
-    return _Ctx()
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("n", [1, 17, "nr", "nr+5", "3nr"])
