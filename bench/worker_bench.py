@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -186,7 +186,7 @@ def measure_bare(args: argparse.Namespace, prompt_ids: list[int], repeats: int =
     from services.worker.engine.config import CacheConfig, SchedulerConfig
     from services.worker.engine.engine import LLMEngine
     from services.worker.engine.sampling_params import SamplingParams
-    from services.worker.model.attention import AttentionMetadata, forward_context
+    from services.worker.model.attention import AttentionMetadata, forward_context, get_backend
     from services.worker.model.loader import load_model
 
     torch.set_num_threads(args.threads)
@@ -210,7 +210,8 @@ def measure_bare(args: argparse.Namespace, prompt_ids: list[int], repeats: int =
         query_start_loc=[0, 1], seq_lens=[ctx],
         slot_mapping=torch.tensor([ctx - 1]),  # identity block table below: slot = position
         block_tables=torch.tensor([list(range(-(-ctx // bs)))]),
-        kv_caches=engine.runner.kv_caches)
+        kv_caches=engine.runner.kv_caches,
+        backend=get_backend(engine.runner.attention_backend))  # the engine's attention path
     ids, positions = torch.tensor([prompt_ids[0]]), torch.tensor([ctx - 1])
     forward_s = []
     with torch.inference_mode():
@@ -247,11 +248,22 @@ def format_row(r: dict) -> str:
 
 
 def speedups(results: list[dict]) -> list[dict]:
-    by_key = {(r["workload"], r["concurrency"], r["mode"]): r for r in results}
-    return [{"workload": w, "concurrency": c,
-             "speedup": r["output_tok_s"] / by_key[(w, c, "naive")]["output_tok_s"]}
-            for (w, c, mode), r in by_key.items()
-            if mode == "batched" and (w, c, "naive") in by_key]
+    """batched / naive output tok/s per (workload, C, repeat), each pair measured back to back."""
+    by_key = {(r["workload"], r["concurrency"], r.get("repeat", 0), r["mode"]): r
+              for r in results}
+    return [{"workload": w, "concurrency": c, "repeat": k,
+             "speedup": r["output_tok_s"] / by_key[(w, c, k, "naive")]["output_tok_s"]}
+            for (w, c, k, mode), r in by_key.items()
+            if mode == "batched" and (w, c, k, "naive") in by_key]
+
+
+def speedup_summary(gains: list[dict]) -> list[dict]:
+    """Median, min and max of the per-repeat speedups for each (workload, C)."""
+    groups: dict[tuple, list[float]] = {}
+    for g in gains:
+        groups.setdefault((g["workload"], g["concurrency"]), []).append(g["speedup"])
+    return [{"workload": w, "concurrency": c, "repeats": len(v), "median": float(np.median(v)),
+             "min": min(v), "max": max(v)} for (w, c), v in groups.items()]
 
 
 def run_info(args: argparse.Namespace) -> dict:
@@ -293,10 +305,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bare", action=argparse.BooleanOptionalAction,
                    help="time the bare batch-1 decode step (default: on for --workload all)")
     p.add_argument("--bare-only", action="store_true", help="only the bare measurement")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the whole plan R times; speedups are reported per repeat and as "
+                   "their median")
     p.add_argument("--json", type=Path, help="write every number and the config here")
     args = p.parse_args(argv)
     if args.target and args.compare_naive:
         p.error("--compare-naive starts its own workers; drop --target")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     if args.bare is None:
         args.bare = args.workload == "all"
@@ -314,32 +331,52 @@ def make_plan(args: argparse.Namespace, factory: PromptFactory) -> list[tuple]:
             for w in workloads for c in args.concurrency]
 
 
-def run_modes(args: argparse.Namespace, plan: list[tuple], warmup: Prompt) -> list[dict]:
+def run_modes(args: argparse.Namespace, plans: list[list[tuple]],
+              warmup: list[Prompt]) -> list[dict]:
+    """Runs one plan per repeat (fresh prompts each time, so a repeat gets no prefix-cache hits
+    from the one before; same lengths). With --compare-naive both workers stay up (an idle one
+    blocks on its command queue and costs no CPU) and each (workload, C) runs in both modes back
+    to back, alternating which goes first: slow drift of the machine (another tenant, clock
+    changes) then falls on both sides instead of biasing the speedup."""
     modes = ["batched", "naive"] if args.compare_naive else ["naive" if args.naive else "batched"]
     results = []
-    for mode in modes if plan else []:
-        with worker(args, mode) as target:
-            asyncio.run(run_load(target, [warmup], 8, 1))
+    if not plans[0]:
+        return results
+    with ExitStack() as stack:
+        targets = {mode: stack.enter_context(worker(args, mode)) for mode in modes}
+        for target in targets.values():  # first-call costs of each prompt size stay out
+            asyncio.run(run_load(target, warmup, 8, len(warmup)))
+        turn = 0
+        for repeat, plan in enumerate(plans):
             for w, c, prompts in plan:
-                if mode == "naive":  # served one at a time: throughput does not depend on N
-                    prompts = prompts[:args.naive_num_requests or 8]
-                records, duration = asyncio.run(run_load(target, prompts, w.output_tokens, c))
-                results.append({"workload": w.name, "mode": mode, "concurrency": c,
-                                "output_tokens": w.output_tokens,
-                                **summarize(records, duration)})
-                print(f"  {mode} {w.name} C={c}: {duration:.1f} s", file=sys.stderr, flush=True)
+                order = modes if turn % 2 == 0 else modes[::-1]
+                turn += 1
+                for mode in order:
+                    # Served one at a time, naive throughput does not depend on N.
+                    run = prompts[:args.naive_num_requests or 8] if mode == "naive" else prompts
+                    records, duration = asyncio.run(
+                        run_load(targets[mode], run, w.output_tokens, c))
+                    results.append({"workload": w.name, "mode": mode, "concurrency": c,
+                                    "repeat": repeat, "output_tokens": w.output_tokens,
+                                    **summarize(records, duration)})
+                    print(f"  [{repeat}] {mode} {w.name} C={c}: {duration:.1f} s",
+                          file=sys.stderr, flush=True)
     return results
 
 
 def report(args: argparse.Namespace, bare: dict | None, results: list[dict]) -> None:
     if results:
         print(table_row(COLUMNS))
-        for r in sorted(results, key=lambda r: (r["workload"], r["concurrency"], r["mode"])):
+        for r in sorted(results, key=lambda r: (r["workload"], r["concurrency"], r["repeat"],
+                                                r["mode"])):
             print(format_row(r))
     gains = speedups(results)
-    for s in gains:
+    summary = speedup_summary(gains)
+    for s in summary:
+        spread = (f" (median of {s['repeats']}; min {s['min']:.2f}x, max {s['max']:.2f}x)"
+                  if s["repeats"] > 1 else "")
         print(f"speedup {s['workload']} C={s['concurrency']}: output tok/s batched / naive = "
-              f"{s['speedup']:.2f}x")
+              f"{s['median']:.2f}x{spread}")
     ratios = [{"workload": r["workload"], "mode": r["mode"],
                "tpot_over_engine_step": r["tpot_ms"]["p50"] / bare["engine_step_ms_p50"],
                "tpot_over_model_forward": r["tpot_ms"]["p50"] / bare["model_forward_ms_p50"]}
@@ -350,6 +387,7 @@ def report(args: argparse.Namespace, bare: dict | None, results: list[dict]) -> 
               f"{q['tpot_over_model_forward']:.2f} (model forward)")
     if args.json:
         out = {"config": run_info(args), "bare": bare, "results": results, "speedup": gains,
+               "speedup_summary": summary,
                "tpot_over_bare": ratios}
         args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
@@ -368,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bare batch-1 decode ({bare['prompt_tokens']}-token prompt, {args.threads} threads):"
               f" engine step {bare['engine_step_ms_p50']:.2f} ms,"
               f" model forward {bare['model_forward_ms_p50']:.2f} ms (medians)", flush=True)
-    plan = make_plan(args, factory)
-    report(args, bare, run_modes(args, plan, factory.make(32)))
+    plans = [make_plan(args, factory) for _ in range(args.repeats)]
+    warmup = [factory.make(n) for n in (32, 128, 256, 512, 700)]
+    report(args, bare, run_modes(args, plans, warmup))
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 
 from services.worker.model import cpu_attention  # noqa: F401  (registers the "cpu" backend)
 from services.worker.model.attention import (AttentionMetadata, forward_context, get_backend,
-                                             plan_decode, select_backend)
+                                             select_backend)
 from services.worker.model.loader import LoadedModel
 
 from . import sampler
@@ -176,7 +176,6 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             backend=self._attention,
         )
-        plan_decode(meta, bs, self.kv_dtype)
         return (torch.tensor(ids, dtype=torch.int64, device=dev),
                 torch.tensor(positions, dtype=torch.int64, device=dev), meta)
 

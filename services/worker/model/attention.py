@@ -4,10 +4,11 @@ The runner describes the step in an `AttentionMetadata` (which tokens belong to 
 where their K/V go in the paged cache, which blocks each sequence reads) and installs it with
 `forward_context(...)` around the model call. Models never see block tables.
 
-Backends come from a registry keyed by name ("torch" here; "cpu" in cpu_attention.py adds a
-native decode kernel; the Triton backend registers itself for CUDA); the runner picks one with
-`select_backend` and passes it in the metadata. Without a KV cache (no metadata's `kv_caches`), attention is plain causal attention over
-the step's own tokens, which is what the reference checks and one-shot scoring use.
+Backends come from a registry keyed by name ("torch" here; "cpu" in cpu_attention.py runs
+every row through a native paged kernel; the Triton backend registers itself for CUDA); the
+runner picks one with `select_backend` and passes it in the metadata. Without a KV cache (no
+metadata's `kv_caches`), attention is plain causal attention over the step's own tokens, which
+is what the reference checks and one-shot scoring use.
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ class AttentionMetadata:
 
     decode_rows: "DecodeRows | None" = None
     """Set by `plan_decode`: the step's single-token rows, for one batched attention call."""
+    decode_planned: bool = False
+    """Whether `plan_decode` ran for this step (the torch backend plans on its first layer)."""
     decode_groups: "list[DecodeBatch] | None" = None
     """The same rows cut into length buckets; built on first use by the torch backend."""
-    slots_checked: bool = False
-    """Set by a backend once it has range-checked slot_mapping, so later layers of the step
-    skip the check (slot_mapping is the same for every layer)."""
+    query_rows: object | None = None
+    """Per-step row layout a backend builds on its first layer and reuses in the others (the
+    cpu backend's `QueryRows`; it range-checks slot_mapping at the same time)."""
 
     @property
     def num_seqs(self) -> int:
@@ -107,6 +110,7 @@ MIN_DECODE_GROUP = 8
 def plan_decode(meta: AttentionMetadata, block_size: int,
                 dtype: torch.dtype = torch.float32) -> None:
     """Fills `meta.decode_rows` when the step has single-token rows and a KV cache."""
+    meta.decode_planned = True
     qsl = meta.query_start_loc
     rows = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
     if not rows or meta.block_tables is None:
@@ -303,6 +307,8 @@ class TorchAttention:
                  kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         if kv_cache is not None:
             self.write_kv(kv_cache, k, v, meta.slot_mapping)
+            if not meta.decode_planned:  # once per step, on the first layer
+                plan_decode(meta, kv_cache.shape[2], kv_cache.dtype)
         out = torch.empty_like(q)
         batched: set[int] = set()
         if kv_cache is not None and meta.decode_rows is not None:

@@ -83,7 +83,9 @@ def build(name: str) -> Path:
     src = SOURCE_DIR / f"{name}.c"
     cc = _compiler()
     flags = (*CFLAGS, *LIBRARY_FLAGS.get(name, ()))
-    key = hashlib.sha256(src.read_bytes() + " ".join(flags).encode()
+    # Headers beside the sources are hashed too: a library includes them.
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h")))
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(flags).encode()
                          + _compiler_id(cc).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if out.exists():

@@ -1,7 +1,9 @@
-"""Paged decode attention on CPU (float32) through the C kernel in paged_attention.c.
+"""Paged attention on CPU (float32) through the C kernel in paged_attention.c.
 
-`paged_decode_attention` checks shapes, dtypes and contiguity, then hands raw pointers to the
-kernel; `paged_decode_attention_ref` is the pure-torch reference the tests compare it with.
+`paged_attention_rows` serves any mix of query rows (decode tokens and prefill chunks: each row
+attends to the first `row_len` tokens of its sequence); `paged_decode_attention` is its
+one-row-per-sequence form. Both check shapes, dtypes and contiguity, then hand raw pointers to
+the kernel; `paged_attention_rows_ref` is the pure-torch reference the tests compare them with.
 `available()` says whether the kernel built on this machine; callers fall back to torch when not.
 """
 
@@ -21,11 +23,30 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 def _kernel():
     global _fn
     if _fn is None:
-        fn = load("paged_attention").paged_decode_attention_f32
+        fn = load("paged_attention").paged_attention_rows_f32
         fn.restype = ctypes.c_int
-        fn.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, ctypes.c_int]
+        fn.argtypes = [_PTR] * 7 + [_I64] * 6 + [ctypes.c_float, ctypes.c_int]
         _fn = fn
     return _fn
+
+
+ISA_NAMES = ("scalar", "avx2", "avx512")
+"""Code paths of the kernel, in the C enum's order."""
+
+
+def isa(head_dim: int, block_size: int) -> str:
+    """The code path that serves this shape here: "avx512", "avx2" or "scalar"."""
+    fn = load("paged_attention").paged_attention_isa
+    fn.argtypes, fn.restype = [_I64, _I64], ctypes.c_int
+    return ISA_NAMES[fn(head_dim, block_size)]
+
+
+def set_max_isa(name: str) -> str:
+    """Caps the code path for this process (tests cover every path on one machine); returns
+    the previous cap. Each path is exact about its own results; they differ in rounding."""
+    fn = load("paged_attention").paged_attention_set_max_isa
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return ISA_NAMES[fn(ISA_NAMES.index(name))]
 
 
 _write = None
@@ -83,39 +104,80 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               slot_mapping.data_ptr(), t, hkv * d, k.stride(0), v.stride(0))
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence over its paged K/V.
-
-    q: [B, Hq, D] float32; k_cache, v_cache: [NB, BS, Hkv, D] float32 (one layer's halves);
-    block_tables: [B, max_blocks] int64; seq_lens: [B] int64, each in [1, max_blocks * BS].
-    Returns [B, Hq, D] (`out` when given: contiguous, q's shape and dtype). Block ids and lengths are trusted (the runner builds them), so they are
-    not re-checked element by element here; the reference test covers their meaning.
-    """
-    b, hq, d = q.shape
-    nb, bs, hkv, dk = k_cache.shape
+def _check(q, k_cache, v_cache, block_tables):
+    _, hq, d = q.shape
+    _, _, hkv, dk = k_cache.shape
     assert q.dtype == k_cache.dtype == v_cache.dtype == torch.float32, "float32 only"
     assert q.device.type == "cpu", "CPU kernel"
     assert v_cache.shape == k_cache.shape and dk == d, (q.shape, k_cache.shape, v_cache.shape)
     assert hq % hkv == 0, f"{hq} query heads do not group over {hkv} KV heads"
-    assert block_tables.dtype == seq_lens.dtype == torch.int64
-    assert block_tables.dim() == 2 and block_tables.shape[0] == b and seq_lens.shape == (b,)
-    for t in (q, k_cache, v_cache, block_tables, seq_lens):
-        assert t.is_contiguous(), "kernel inputs must be contiguous"
+    assert block_tables.dtype == torch.int64 and block_tables.dim() == 2
+
+
+def _run(q, k_cache, v_cache, block_tables, row_table, row_len, scale, out):
+    t, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    for x in (q, k_cache, v_cache, block_tables, row_len,
+              *(() if row_table is None else (row_table,))):
+        assert x.is_contiguous(), "kernel inputs must be contiguous"
     if out is None:
         out = torch.empty_like(q)
     else:
         assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     rc = _kernel()(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                   block_tables.data_ptr(), seq_lens.data_ptr(), b, hq, hkv, d, bs,
-                   block_tables.shape[1], float(scale), torch.get_num_threads())
+                   block_tables.data_ptr(), None if row_table is None else row_table.data_ptr(),
+                   row_len.data_ptr(), t, hq, hkv, d, bs, block_tables.shape[1], float(scale),
+                   torch.get_num_threads())
     if rc == 2:
         raise MemoryError("paged attention: no memory for the per-thread scratch")
     if rc != 0:
         raise ValueError(f"shape past the kernel's limits: group {hq // hkv}, head_dim {d}, "
                          f"block_size {bs} (max 16, 256, 64)")
     return out
+
+
+def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, row_table: torch.Tensor,
+                         row_len: torch.Tensor, scale: float,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each query row over the first row_len tokens of its sequence's paged K/V.
+
+    q: [T, Hq, D] float32; k_cache, v_cache: [NB, BS, Hkv, D] float32 (one layer's halves);
+    block_tables: [S, max_blocks] int64; row_table: [T] int64, each row's sequence (a row of
+    block_tables); row_len: [T] int64, each in [1, max_blocks * BS]. A prefill chunk's token at
+    position p has row_len p + 1 (causal attention within the chunk, its K/V already written).
+    Returns [T, Hq, D] (`out` when given). Table rows and lengths are trusted (the runner builds
+    them), so they are not re-checked element by element here.
+    """
+    _check(q, k_cache, v_cache, block_tables)
+    assert row_table.dtype == row_len.dtype == torch.int64
+    assert row_table.shape == row_len.shape == q.shape[:1], (row_table.shape, row_len.shape)
+    return _run(q, k_cache, v_cache, block_tables, row_table, row_len, scale, out)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence over its paged K/V (row i reads table row i).
+
+    q: [B, Hq, D]; block_tables: [B, max_blocks] int64; seq_lens: [B] int64, each in
+    [1, max_blocks * BS]; otherwise as `paged_attention_rows`.
+    """
+    _check(q, k_cache, v_cache, block_tables)
+    assert seq_lens.dtype == torch.int64
+    assert block_tables.shape[0] == q.shape[0] and seq_lens.shape == q.shape[:1]
+    return _run(q, k_cache, v_cache, block_tables, None, seq_lens, scale, out)
+
+
+def paged_attention_rows_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, row_table: torch.Tensor,
+                             row_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pure-torch reference of `paged_attention_rows`, one row at a time."""
+    return torch.cat([
+        paged_decode_attention_ref(q[i:i + 1], k_cache, v_cache,
+                                   block_tables[row_table[i]:row_table[i] + 1], row_len[i:i + 1],
+                                   scale)
+        for i in range(q.shape[0])]) if q.shape[0] else torch.empty_like(q)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,4 +1,5 @@
-"""The native paged decode-attention kernel against its torch reference, and backend choice."""
+"""The native paged-attention kernel (decode and prefill rows) against its torch reference, on
+every code path this machine has, and backend choice."""
 
 from __future__ import annotations
 
@@ -29,6 +30,29 @@ def _case(gen, b, hq, hkv, d, bs, max_blocks, num_blocks=64):
     return q, kc, vc, tables, lens
 
 
+def _paths_here() -> list[str]:
+    """The code paths the kernel built here can take (each cap tried on a shape all paths take)."""
+    before = pa.set_max_isa("avx512")
+    try:
+        reached = []
+        for cap in pa.ISA_NAMES:
+            pa.set_max_isa(cap)
+            reached.append(pa.isa(64, 16))
+        return sorted(set(reached), key=pa.ISA_NAMES.index)
+    finally:
+        pa.set_max_isa(before)
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def path(request):
+    """Caps the kernel at one code path (skipped where the CPU lacks it)."""
+    if request.param not in _paths_here():
+        pytest.skip(f"no {request.param} on this CPU")
+    before = pa.set_max_isa(request.param)
+    yield request.param
+    pa.set_max_isa(before)
+
+
 def test_kernel_builds_here():
     # The README requires a C compiler; without the kernel, decode falls back to a 3-5x slower
     # path, so a machine that cannot build it should fail loudly here rather than run slowly.
@@ -37,14 +61,14 @@ def test_kernel_builds_here():
     assert select_backend(torch.device("cpu"), torch.bfloat16) == "torch"
 
 
-# (Hq, Hkv, D, block size): GQA ratios 1, 3, 4, 8; head dims 64/128 (AVX2 path) and 16/40/48
-# (portable path); block sizes 8/16/32 and 5 (portable).
-SHAPES = [(9, 3, 64, 16), (8, 8, 64, 8), (32, 4, 128, 32), (8, 1, 64, 16),
+# (Hq, Hkv, D, block size): GQA ratios 1, 3, 4, 5, 8; head dims 64/128 (vector paths) and
+# 16/40/48 (portable path); block sizes 8/16/32 and 5 (portable).
+SHAPES = [(9, 3, 64, 16), (8, 8, 64, 8), (32, 4, 128, 32), (8, 1, 64, 16), (10, 2, 64, 16),
           (6, 2, 16, 16), (4, 4, 40, 5), (12, 3, 48, 8)]
 
 
 @pytest.mark.parametrize("hq,hkv,d,bs", SHAPES)
-def test_matches_reference(hq, hkv, d, bs):
+def test_matches_reference(path, hq, hkv, d, bs):
     gen = torch.Generator().manual_seed(hq * 1000 + d * 10 + bs)
     for b, max_blocks in ((1, 1), (5, 7), (17, 3)):
         q, kc, vc, tables, lens = _case(gen, b, hq, hkv, d, bs, max_blocks)
@@ -53,17 +77,84 @@ def test_matches_reference(hq, hkv, d, bs):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
-def test_both_code_paths_are_exercised():
-    lib = build.load("paged_attention")
-    uses = lib.paged_decode_attention_uses_avx2
-    uses.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    paths = {uses(d, bs) for _, _, d, bs in SHAPES}
-    assert 0 in paths  # the portable path is always compiled and tested
-    if "avx2" in open("/proc/cpuinfo").read():
-        assert 1 in paths
+def test_every_code_path_is_reachable():
+    """The portable path always; AVX2 wherever the CPU has it (the build is -march=native);
+    a cap selects each path; shapes a vector path cannot take fall back."""
+    paths = _paths_here()
+    assert paths[0] == "scalar"
+    flags = open("/proc/cpuinfo").read()
+    if " avx2" in flags and " fma" in flags:
+        assert "avx2" in paths
+    before = pa.set_max_isa("avx512")
+    try:
+        assert pa.isa(40, 5) == "scalar"
+        if "avx512" in paths:
+            assert pa.isa(32, 16) == "avx2"  # head_dim 32: AVX2 only
+    finally:
+        pa.set_max_isa(before)
 
 
-def test_rows_past_the_end_never_reach_the_output():
+def _chunked_rows(gen, hq, hkv, d, bs):
+    """A batch like a mixed step: sequence 0 prefills a chunk of positions 5..40, sequence 1
+    its first 9 tokens, sequences 2 and 3 decode one token each."""
+    nb, max_blocks = 40, 4
+    kc, vc = torch.randn(nb, bs, hkv, d, generator=gen), torch.randn(nb, bs, hkv, d, generator=gen)
+    tables = torch.randperm(nb, generator=gen)[:4 * max_blocks].view(4, max_blocks)
+    spans = [(0, 5, 41), (1, 0, 9), (2, 50, 51), (3, 3, 4)]  # (sequence, first pos, end)
+    row_table = torch.tensor([s for s, a, e in spans for _ in range(a, e)])
+    row_len = torch.tensor([p + 1 for _, a, e in spans for p in range(a, e)])
+    q = torch.randn(len(row_table), hq, d, generator=gen)
+    return q, kc, vc, tables, row_table, row_len
+
+
+@pytest.mark.parametrize("hq,hkv,d,bs", [(9, 3, 64, 16), (32, 4, 128, 32), (6, 2, 16, 16)])
+def test_prefill_rows_match_reference(path, hq, hkv, d, bs):
+    gen = torch.Generator().manual_seed(11)
+    q, kc, vc, tables, rt, rl = _chunked_rows(gen, hq, hkv, d, bs)
+    out = pa.paged_attention_rows(q, kc, vc, tables, rt, rl, d ** -0.5)
+    ref = pa.paged_attention_rows_ref(q, kc, vc, tables, rt, rl, d ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_a_row_does_not_depend_on_chunking_or_batch(path):
+    """Every row runs the same arithmetic: a prompt token's output is bitwise the same in one
+    chunk, in any split into chunks, as a lone decode-style row, and beside other sequences,
+    with 1 or 2 threads."""
+    gen = torch.Generator().manual_seed(12)
+    q, kc, vc, tables, rt, rl = _chunked_rows(gen, 9, 3, 64, 16)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            whole = pa.paged_attention_rows(q, kc, vc, tables, rt, rl, 0.125)
+            chunk = slice(0, 36)  # sequence 0's rows, split at 7 and 20
+            parts = [pa.paged_attention_rows(q[a:b], kc, vc, tables, rt[a:b], rl[a:b], 0.125)
+                     for a, b in ((0, 7), (7, 20), (20, 36))]
+            assert torch.equal(torch.cat(parts), whole[chunk]), threads
+            for i in (0, 13, 35, 36, 45, 46):
+                alone = pa.paged_decode_attention(q[i:i + 1], kc, vc, tables[rt[i]:rt[i] + 1],
+                                                  rl[i:i + 1], 0.125)
+                assert torch.equal(alone[0], whole[i]), (threads, i)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_later_tokens_never_reach_a_prefill_row(path):
+    """A row sees its context only: the cache rows after it (later tokens of its own chunk,
+    stale memory, even NaN/inf) weigh exactly nothing."""
+    gen = torch.Generator().manual_seed(13)
+    q, kc, vc, tables, rt, rl = _chunked_rows(gen, 9, 3, 64, 16)
+    i = 20  # sequence 0, position 20
+    clean = pa.paged_attention_rows(q[i:i + 1], kc, vc, tables, rt[i:i + 1], rl[i:i + 1], 0.1)
+    table = tables[0].tolist()
+    for pos in range(int(rl[i]), 4 * 16):
+        kc[table[pos // 16], pos % 16] = float("nan")
+        vc[table[pos // 16], pos % 16] = float("inf")
+    dirty = pa.paged_attention_rows(q[i:i + 1], kc, vc, tables, rt[i:i + 1], rl[i:i + 1], 0.1)
+    assert torch.equal(clean, dirty)
+
+
+def test_rows_past_the_end_never_reach_the_output(path):
     """Stale memory after a sequence's last token (even NaN/inf) must weigh exactly nothing."""
     gen = torch.Generator().manual_seed(3)
     for d, bs in ((64, 16), (40, 5)):
@@ -78,7 +169,7 @@ def test_rows_past_the_end_never_reach_the_output():
         assert torch.equal(clean, dirty)
 
 
-def test_threads_do_not_change_the_result():
+def test_threads_do_not_change_the_result(path):
     gen = torch.Generator().manual_seed(5)
     q, kc, vc, tables, lens = _case(gen, 24, 9, 3, 64, 16, 6)
     before = torch.get_num_threads()
@@ -92,7 +183,7 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one, two)  # each (sequence, KV head) is one thread's work: no split sums
 
 
-def test_work_split_does_not_change_the_result():
+def test_work_split_does_not_change_the_result(path):
     """Whole-sequence items (enough sequences per thread) and (sequence, KV head) items (few
     sequences) run the same per-head arithmetic: a sequence's output is bitwise the same alone
     and inside a batch, with 1 or 2 threads."""
