@@ -21,7 +21,7 @@ from switchyard.common.v1 import common_pb2
 from services.cache.__main__ import parse_args
 from services.cache.domain import CacheMode
 from services.cache.server import SERVICE_NAME, CacheServer
-from tests.cache.conftest import free_port
+from tests.cache.conftest import FUNCTIONAL_TIMEOUT_S, free_port
 
 
 def query(text: str, tenant: str = "acme", **sampling) -> cache_pb2.CacheQuery:
@@ -158,7 +158,8 @@ def test_python_m_services_cache_serves_and_stops_on_sigterm(redis_server, tmp_p
            "PYTHONPATH": os.pathsep.join(filter(None, ["protos", os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cache", "--redis-url", redis_server.url,
-         "--port", str(port)], cwd=Path(__file__).parents[2], env=env,
+         "--port", str(port), "--redis-timeout-s", str(FUNCTIONAL_TIMEOUT_S)],
+        cwd=Path(__file__).parents[2], env=env,
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "log", "w"))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

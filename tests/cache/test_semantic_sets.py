@@ -13,7 +13,7 @@ import pytest
 
 from services.cache.config import DEFAULT_SIMILARITY_THRESHOLD
 from services.cache.domain import Policy, ResultKind
-from tests.cache.conftest import answer, chat, read_pairs
+from tests.cache.conftest import FUNCTIONAL_TIMEOUT_S, answer, chat, read_pairs
 
 PARAPHRASES = read_pairs("paraphrases.tsv")
 NEAR_MISSES = read_pairs("near_misses.tsv")
@@ -34,7 +34,8 @@ def cache(redis_server, embedder, tmp_path_factory):
     texts = sorted({t for rows in (PARAPHRASES, NEAR_MISSES) for _, a, b in rows for t in (a, b)})
     for i in range(0, len(texts), 64):  # warm the embedder's LRU in batches (faster)
         embedder.embed(texts[i : i + 64])
-    replica = CacheReplica(CacheConfig(redis_url=redis_server.url, key_prefix="sets:"), embedder)
+    replica = CacheReplica(CacheConfig(redis_url=redis_server.url, key_prefix="sets:",
+                                       redis_timeout_s=FUNCTIONAL_TIMEOUT_S), embedder)
     replica.start()
     yield replica.cache
     replica.stop()

@@ -45,9 +45,11 @@ def start_cache(redis_url: str, **overrides: Any):
     from services.cache.config import CacheConfig
     from services.cache.server import CacheServer
 
+    # A 2 s Redis timeout unless a test sets one: a 50 ms one trips on a loaded CI machine.
+    settings = dict(grpc_workers=4, probe_interval_s=0.1, sweep_interval_s=0.5,
+                    redis_timeout_s=2.0) | overrides
     config = CacheConfig(redis_url=redis_url, key_prefix=f"rel{uuid.uuid4().hex[:6]}:", port=0,
-                         grpc_workers=4, probe_interval_s=0.1, sweep_interval_s=0.5,
-                         **overrides)
+                         **settings)
     server = CacheServer(config, embedder())
     server.start()
     return server

@@ -232,7 +232,8 @@ def cache_target(redis_url) -> Iterator[str]:
     fast = build_minilm(minilm_dir(), max_tokens=256, dtype=torch.bfloat16)
     fast.warm_up(32)
     config = CacheConfig(redis_url=redis_url, key_prefix=f"rt{uuid.uuid4().hex[:6]}:", port=0,
-                         grpc_workers=4, probe_interval_s=0.1, sweep_interval_s=0.5)
+                         grpc_workers=4, probe_interval_s=0.1, sweep_interval_s=0.5,
+                         redis_timeout_s=2.0)  # not 50 ms: a CI stall must not turn hits to misses
     server = CacheServer(config, MiniLMEmbedder(fast, dim=384))
     port = server.start()
     yield f"127.0.0.1:{port}"
