@@ -182,24 +182,30 @@ class OpenAIApi:
         first = await anext(events)  # errors before output -> a plain JSON error response
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
-        await resp.prepare(request)
         event = first
         try:
-            while True:
-                if isinstance(event, Chunk):
-                    await resp.write(_sse(shaper.chunk(event)))
-                else:
-                    await resp.write(_sse(shaper.final(event)))
-                    if include_usage:
-                        await resp.write(_sse(shaper.usage(event)))
-                    await resp.write(b"data: [DONE]\n\n")
-                    break
-                event = await anext(events)
-        except RouterError as exc:
-            await resp.write(_sse(error_body(exc)))
+            try:
+                await resp.prepare(request)  # the client may already be gone: close `events`
+                while True:
+                    if isinstance(event, Chunk):
+                        await resp.write(_sse(shaper.chunk(event)))
+                    else:
+                        await resp.write(_sse(shaper.final(event)))
+                        if include_usage:
+                            await resp.write(_sse(shaper.usage(event)))
+                        await resp.write(b"data: [DONE]\n\n")
+                        break
+                    event = await anext(events)
+            except RouterError as exc:
+                await resp.write(_sse(error_body(exc)))
+            await resp.write_eof()
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+            # The client left mid-stream (or right after the last event): nobody to answer, and
+            # not a server error. Closing `events` below cancels the upstream call, so the
+            # worker frees the request's KV blocks.
+            logger.info("stream %s: client disconnected", rid)
         finally:
             await events.aclose()
-        await resp.write_eof()
         return resp
 
     async def models(self, request: web.Request) -> web.Response:
