@@ -152,6 +152,8 @@ class _EngineCollector:
         yield self._counter("aborted_generation_tokens", "Tokens generated for requests that "
                             "were then aborted (wasted compute).", st.aborted_generated_tokens)
         yield self._counter("engine_steps", "Engine steps run.", st.steps)
+        yield self._counter("engine_step_seconds", "Wall time spent in engine steps (busy "
+                            "time; divided by engine_steps, the mean step).", st.step_seconds)
 
 
 def read_counters(url: str, timeout_s: float = 5.0) -> dict[str, float]:

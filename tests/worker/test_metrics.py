@@ -56,6 +56,8 @@ def test_scrape_matches_the_workload(loaded):
     s = _samples(metrics)
     st = engine.stats
     assert s[("switchyard_worker_generation_tokens_total", ())] == st.generation_tokens == 80 + 3
+    assert s[("switchyard_worker_engine_steps_total", ())] == st.steps > 0
+    assert s[("switchyard_worker_engine_step_seconds_total", ())] == st.step_seconds > 0
     assert s[("switchyard_worker_num_preemptions_total", ())] == st.preemptions >= 1
     assert s[("switchyard_worker_recomputed_tokens_total", ())] == st.recomputed_tokens > 0
     assert s[("switchyard_worker_aborted_requests_total", ())] == 1

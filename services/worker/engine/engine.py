@@ -37,6 +37,7 @@ class EngineStats:
     aborted_prefill_tokens: int = 0  # their prefill tokens computed (recompute included)
     aborted_generated_tokens: int = 0  # their output tokens generated
     recomputed_tokens: int = 0  # recomputed after preemption; counted when the request ends
+    step_seconds: float = 0.0  # wall time inside step(): busy time (mean step = this / steps)
 
 
 class LLMEngine:
@@ -88,6 +89,7 @@ class LLMEngine:
 
     def step(self) -> list[StreamEvent]:
         """One iteration of continuous batching; returns the events to stream."""
+        start = time.perf_counter()  # a duration, measured apart from the injectable clock
         so = self.scheduler.schedule()
         now = self.clock()
         for s in so.scheduled:
@@ -100,7 +102,9 @@ class LLMEngine:
         model_output = self.runner.execute(so)
         outputs = self.scheduler.update_from_output(so, model_output)
         self._count(so, model_output)
-        return self._process(outputs)
+        events = self._process(outputs)
+        self.stats.step_seconds += time.perf_counter() - start
+        return events
 
     def _count(self, so, model_output) -> None:
         st = self.stats
