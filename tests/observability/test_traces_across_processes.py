@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -77,7 +78,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
     redis = RedisServer(tmp_path_factory.mktemp("redis"))
     redis.start()
     ports = {"cache": free_port(), "worker": free_port(), "tight": free_port(),
-             "router": free_port(), "router_http": free_port()}
+             "router": free_port(), "router_http": free_port(), "tight_metrics": free_port()}
     router_yaml = tmp_path_factory.mktemp("router") / "router.yaml"
     router_yaml.write_text(f"""
 grpc_port: {ports["router"]}
@@ -97,12 +98,13 @@ tracing: {{exporter: otlp, otlp_endpoint: "{receiver.endpoint}"}}
                           "--num-kv-blocks", "64")),
         # 8 blocks of 16 tokens: two requests of ~60 + 40 tokens cannot both fit
         Proc(_worker_args(tiny_model_dir, ports["tight"], receiver.endpoint,
-                          "--num-kv-blocks", "8", "--no-prefix-caching")),
+                          "--num-kv-blocks", "8", "--no-prefix-caching",
+                          "--metrics-port", str(ports["tight_metrics"]))),
         Proc(["-m", "services.router", "--config", str(router_yaml)]),
     ]
     try:
         for name in ports:
-            if name != "router_http":
+            if name not in ("router_http", "tight_metrics"):
                 _wait_serving(f"127.0.0.1:{ports[name]}")
         yield receiver, {k: f"127.0.0.1:{v}" for k, v in ports.items()}
     finally:
@@ -170,22 +172,38 @@ def test_one_trace_across_client_cache_and_worker(cluster):
     assert {"engine.scheduled", "engine.prefill_chunk", "engine.first_token"} <= set(names)
 
 
+def _preemptions(metrics_addr: str) -> float:
+    """The worker's own count of preemptions, from its Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("switchyard_worker_num_preemptions_total"))
+
+
 def test_preemption_appears_in_the_trace(cluster):
     receiver, addr = cluster
-    # ~42 tokens each: both prefills fit in 8 blocks, their growth to ~82 tokens does not
-    prompt_a = " ".join(f"alpha{i}" for i in range(16))
-    prompt_b = " ".join(f"beta{i}" for i in range(16))
     results = {}
 
-    def run(rid, prompt):
+    def run(rid, prompt, barrier):
+        barrier.wait()
         results[rid] = _generate(addr["tight"], rid, prompt, 40)
 
-    threads = [threading.Thread(target=run, args=a) for a in (("pa", prompt_a), ("pb", prompt_b))]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
-    for t in threads:
-        t.join(120)
+    # ~42 prompt tokens each: both prefills fit in 8 blocks, their growth to ~82 tokens does not.
+    # Whether they overlap is up to the OS scheduler (the tiny model finishes one in a blink), so
+    # rounds of two simultaneous requests go on until the worker's own counter shows a preemption.
+    for round_ in range(10):
+        before = _preemptions(addr["tight_metrics"])
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=run, args=(f"p{round_}{tag}", " ".join(
+            f"{word}{i}" for i in range(16)), barrier)) for tag, word in (("a", "alpha"),
+                                                                         ("b", "beta"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if _preemptions(addr["tight_metrics"]) > before:
+            break
+    else:
+        pytest.fail("ten rounds of two overlapping requests never preempted on an 8-block pool")
     assert {r.usage.completion_tokens for r in results.values()} == {40}
 
     def preempted(spans):
