@@ -73,9 +73,13 @@ void linear_pack_f32(float *out, float *out_bias, const float *w, const float *b
 }
 
 /* R rows x NR columns: y[i][0:ncols] = bias + sum_k x[i][k] * panel[k][:].
- * x rows are k apart; y rows are ldy apart. While computing, prefetches every tiles-th row of
- * the next panel starting at row `tile` (tile of tiles), so the tiles of one panel together
- * fetch all of it. next == NULL: nothing to prefetch. */
+ * x rows are k apart; y rows are ldy apart. While computing, prefetches slice `tile` of `tiles`
+ * contiguous slices of the next panel, one cache line at a time spread evenly over the k loop,
+ * so the tiles of one panel together fetch all of it. Contiguous slices and even spacing beat
+ * a strided burst (3 lines of every tiles-th panel row, the first version): all linears of a
+ * step at 32 rows 72.8 -> 61.0 ms median on the Sapphire Rapids VM, same at 1 row; the hardware
+ * streamer can follow a contiguous run, and a steady trickle never fills the line-fill buffers.
+ * next == NULL: nothing to prefetch. */
 static inline __attribute__((always_inline)) void tile_rows(
     const int R, const float *x, const float *panel, const float *bias, int64_t k, float *y,
     int64_t ldy, int64_t ncols, const char *next, int64_t tiles, int64_t tile) {
@@ -87,15 +91,19 @@ static inline __attribute__((always_inline)) void tile_rows(
             else
                 acc[i][j] = (vf){0};
         }
-    /* A countdown, not kk % tiles: an integer division per k costs more than the FMAs. */
-    int64_t countdown = next ? tile : INT64_MAX;
+    /* This tile's slice: lines [first, first + left) of the panel's k * NR * 4 / 64. One line
+     * is due each time `due` (+= left per k) passes k: a Bresenham step, no division per k. */
+    const int64_t lines = k * NR * (int64_t)sizeof(float) / 64, per = (lines + tiles - 1) / tiles;
+    const int64_t first = tile * per;
+    int64_t left = next && first < lines ? (lines - first < per ? lines - first : per) : 0;
+    const char *line = next ? next + first * 64 : NULL;
+    const int64_t step = left;
+    int64_t due = 0;
     for (int64_t kk = 0; kk < k; kk++) {
         const float *wk = panel + kk * NR;
-        if (countdown-- == 0) {
-            countdown = tiles - 1;
-            const char *line = next + kk * NR * sizeof(float);
-            for (int b = 0; b < NR * (int)sizeof(float); b += 64)
-                __builtin_prefetch(line + b, 0, 1); /* prefetcht2: best of t0/t1/t2 */
+        if (left > 0) {
+            for (due += step; due >= k && left > 0; due -= k, left--, line += 64)
+                __builtin_prefetch(line, 0, 1); /* prefetcht2: t0/t1/t2 measured alike */
         }
         vf w[NV];
         for (int j = 0; j < NV; j++)
