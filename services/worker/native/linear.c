@@ -77,7 +77,7 @@ void linear_pack_f32(float *out, float *out_bias, const float *w, const float *b
  * contiguous slices of the next panel, one cache line at a time spread evenly over the k loop,
  * so the tiles of one panel together fetch all of it. Contiguous slices and even spacing beat
  * a strided burst (3 lines of every tiles-th panel row, the first version): all linears of a
- * step at 32 rows 72.8 -> 61.0 ms median on the Sapphire Rapids VM, same at 1 row; the hardware
+ * step at 32 rows 72.8 -> 61.0 ms median on an AVX-512 Xeon VM, same at 1 row; the hardware
  * streamer can follow a contiguous run, and a steady trickle never fills the line-fill buffers.
  * next == NULL: nothing to prefetch. */
 static inline __attribute__((always_inline)) void tile_rows(
