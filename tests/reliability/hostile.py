@@ -143,6 +143,10 @@ class Tally:
         self.crashed: Counter[str] = Counter()
         self.outcomes: dict[str, Counter[str]] = {}
 
+    def reset(self) -> None:
+        """Forgets every count (a module that shares a tally starts from zero)."""
+        self.__init__()
+
     def tried_one(self, api: str, outcome: str = "?") -> None:
         """Counts one input and what it got (a status code or name)."""
         self.tried[api] += 1
