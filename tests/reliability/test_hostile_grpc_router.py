@@ -62,17 +62,6 @@ pytestmark = hostile.BACKGROUND_RANDOM
 outcome = functools.partial(hostile_grpc.outcome, TALLY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tally(request):
-    yield
-    hostile.report(request, TALLY)
-
-
-@pytest.fixture(scope="module")
-def grpc_router(cluster, make_router, cache_target):
-    return hostile_grpc.start_router(cluster, make_router, cache_target)
-
-
 # --- strategies -----------------------------------------------------------------------------------
 
 _VALID = {"max_tokens": small_ints(), "tier_hint": st.sampled_from([0, 1, 2, 3]),

@@ -35,18 +35,6 @@ TALLY = hostile_http.TALLY
 pytestmark = hostile.BACKGROUND_RANDOM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _tally(request):
-    TALLY.reset()
-    yield
-    hostile.report(request, TALLY)
-
-
-@pytest.fixture(scope="module")
-def api(cluster, make_router, cache_target):
-    return hostile_http.start_api(cluster, make_router, cache_target)
-
-
 # --- fixed hostile cases with their exact answers -------------------------------------------------
 
 CHAT = {"model": "small", "messages": QUESTION, "max_tokens": 3}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,18 +30,6 @@ from tests.reliability.hostile_http import assert_serving, check, post_json, sen
 
 TALLY = hostile_http.TALLY
 pytestmark = hostile.BACKGROUND_RANDOM
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tally(request):
-    TALLY.reset()
-    yield
-    hostile.report(request, TALLY)
-
-
-@pytest.fixture(scope="module")
-def api(cluster, make_router, cache_target):
-    return hostile_http.start_api(cluster, make_router, cache_target)
 
 
 # --- strategies -----------------------------------------------------------------------------------
