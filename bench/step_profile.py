@@ -35,7 +35,6 @@ class PartTimer:
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
         self._stack: list[float] = []  # time spent in wrapped children, per open call
 
     def wrap(self, owner, name: str, part: str) -> None:
@@ -51,7 +50,6 @@ class PartTimer:
                 elapsed = time.perf_counter() - start
                 children = timer._stack.pop()
                 timer.totals[part] += elapsed - children
-                timer.calls[part] += 1
                 if timer._stack:
                     timer._stack[-1] += elapsed
 
@@ -62,7 +60,6 @@ class PartTimer:
     def take(self) -> dict[str, float]:
         out = dict(self.totals)
         self.totals.clear()
-        self.calls.clear()
         return out
 
 

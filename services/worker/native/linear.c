@@ -91,18 +91,19 @@ static inline __attribute__((always_inline)) void tile_rows(
             else
                 acc[i][j] = (vf){0};
         }
-    /* This tile's slice: lines [first, first + left) of the panel's k * NR * 4 / 64. One line
-     * is due each time `due` (+= left per k) passes k: a Bresenham step, no division per k. */
+    /* This tile's slice: `count` lines from line `first` of the panel's k * NR * 4 / 64. One
+     * line is due each time `due` (+= count per k) passes k: a Bresenham step, no division per
+     * k; `left` of them are still to issue. */
     const int64_t lines = k * NR * (int64_t)sizeof(float) / 64, per = (lines + tiles - 1) / tiles;
     const int64_t first = tile * per;
     int64_t left = next && first < lines ? (lines - first < per ? lines - first : per) : 0;
     const char *line = next ? next + first * 64 : NULL;
-    const int64_t step = left;
+    const int64_t count = left;
     int64_t due = 0;
     for (int64_t kk = 0; kk < k; kk++) {
         const float *wk = panel + kk * NR;
         if (left > 0) {
-            for (due += step; due >= k && left > 0; due -= k, left--, line += 64)
+            for (due += count; due >= k && left > 0; due -= k, left--, line += 64)
                 __builtin_prefetch(line, 0, 1); /* prefetcht2: t0/t1/t2 measured alike */
         }
         vf w[NV];
